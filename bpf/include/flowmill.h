@@ -1,0 +1,126 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Helpers shared by every flowmill probe family: the session scope, the
+ * event ring buffer with batched wake-ups, and per-CPU loss counters.
+ *
+ * Each family's object includes this header once, so each object has its own
+ * "events" ring buffer and "counters" array; the Go side finds them by name.
+ */
+#ifndef __FLOWMILL_H__
+#define __FLOWMILL_H__
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Scope kinds; keep in sync with probes.ScopeKind. */
+enum fm_scope_kind {
+	FM_SCOPE_HOST = 0,
+	FM_SCOPE_PROCESS = 1,
+	FM_SCOPE_CGROUP = 2,
+};
+
+/* Set by the loader before the object is loaded. */
+volatile const __u32 fm_scope_kind = FM_SCOPE_HOST;
+volatile const __u32 fm_scope_tgid = 0;
+/* Wake the reader when this many bytes are waiting; below that the reader
+ * drains on its own timer. */
+volatile const __u64 fm_wakeup_bytes = 65536;
+
+/* Counter slots. Slot 0 is common to all families; families number theirs
+ * from FM_CTR_FAMILY. */
+enum {
+	FM_CTR_LOST = 0, /* ring buffer full: record dropped */
+	FM_CTR_FAMILY = 1,
+	FM_NR_COUNTERS = 8,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20); /* the loader may resize it */
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FM_NR_COUNTERS);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+/* Holds the scope cgroup (slot 0) when fm_scope_kind is FM_SCOPE_CGROUP. */
+struct {
+	__uint(type, BPF_MAP_TYPE_CGROUP_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} scope_cgroup SEC(".maps");
+
+/* Who did something: copied into events. */
+struct fm_task {
+	__u64 cgroup_id;
+	__u32 pid; /* thread group id, what user space calls the PID */
+	__u32 tid;
+	char comm[16];
+};
+
+static __always_inline void fm_count(__u32 slot)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &slot);
+
+	if (v)
+		(*v)++; /* per-CPU slot: no other writer */
+}
+
+/* fm_current_in_scope reports whether the current task is one the session
+ * observes. Only meaningful in process context. */
+static __always_inline bool fm_current_in_scope(void)
+{
+	switch (fm_scope_kind) {
+	case FM_SCOPE_PROCESS:
+		return (bpf_get_current_pid_tgid() >> 32) == fm_scope_tgid;
+	case FM_SCOPE_CGROUP:
+		return bpf_current_task_under_cgroup(&scope_cgroup, 0) == 1;
+	default:
+		return true;
+	}
+}
+
+static __always_inline void fm_current_task(struct fm_task *t)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	t->pid = id >> 32;
+	t->tid = (__u32)id;
+	t->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(t->comm, sizeof(t->comm));
+}
+
+/* fm_reserve reserves a record in the ring buffer, counting the loss when
+ * the buffer is full. */
+static __always_inline void *fm_reserve(__u64 size)
+{
+	void *e = bpf_ringbuf_reserve(&events, size, 0);
+
+	if (!e)
+		fm_count(FM_CTR_LOST);
+	return e;
+}
+
+/* fm_submit commits a record. A wake-up costs far more than the record
+ * itself, so the reader is woken only when this record makes the unread data
+ * cross fm_wakeup_bytes; otherwise it finds the record on its next timed
+ * drain. */
+static __always_inline void fm_submit(void *e, __u64 size)
+{
+	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	__u64 rec = ((size + 7) & ~7ULL) + 8; /* record plus its header */
+	__u64 flags = BPF_RB_NO_WAKEUP;
+
+	if (avail >= fm_wakeup_bytes && avail < fm_wakeup_bytes + rec)
+		flags = BPF_RB_FORCE_WAKEUP;
+	bpf_ringbuf_submit(e, flags);
+}
+
+#endif /* __FLOWMILL_H__ */

@@ -1,0 +1,387 @@
+//go:build ignore
+
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * TCP connection lifecycle and per-flow statistics.
+ *
+ * Only stable raw tracepoints are used (no kprobes, no fentry):
+ *   inet_sock_set_state  flow creation, establishment, close (final stats)
+ *   tcp_send_reset       resets sent, including active resets after close
+ *   tcp_receive_reset    resets received
+ *   tcp_destroy_sock     end of the socket: the close event is emitted here,
+ *                        after any reset the close path sends
+ *
+ * Events follow the connection rate: one when a flow is established, one
+ * when it ends. Statistics are the kernel's own per-socket counters, read at
+ * close with CO-RE, so nothing is counted per packet here.
+ *
+ * Attribution: a client flow belongs to the task that called connect() (the
+ * SYN_SENT transition runs in its context). A server flow belongs to the
+ * owner of its listening socket, found by port: the handshake completes in
+ * softirq context, on whatever task happened to be running.
+ */
+#include "flowmill.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+/* enum sock_flags: SOCK_DEAD, SOCK_DONE, ... (include/net/sock.h) */
+#define SOCK_DONE 1
+
+enum {
+	TCP_ESTABLISHED = 1,
+	TCP_SYN_SENT = 2,
+	TCP_SYN_RECV = 3,
+	TCP_FIN_WAIT1 = 4,
+	TCP_FIN_WAIT2 = 5,
+	TCP_TIME_WAIT = 6,
+	TCP_CLOSE = 7,
+	TCP_CLOSE_WAIT = 8,
+	TCP_LAST_ACK = 9,
+	TCP_LISTEN = 10,
+	TCP_CLOSING = 11,
+};
+
+/* Family counters (see FM_CTR_FAMILY). */
+enum {
+	TCP_CTR_FLOW_NEW = FM_CTR_FAMILY, /* flows inserted in the flow map */
+	TCP_CTR_FLOW_DONE,                /* flows removed by this program */
+	TCP_CTR_LISTENER_FULL,            /* listeners not tracked: map full */
+};
+
+enum tcp_event_kind {
+	TCP_EVENT_OPEN = 1,
+	TCP_EVENT_CLOSE = 2,
+};
+
+enum tcp_role {
+	TCP_ROLE_CLIENT = 1,
+	TCP_ROLE_SERVER = 2,
+};
+
+struct tcp_counts {
+	__u64 bytes_sent;     /* payload bytes acknowledged by the peer */
+	__u64 bytes_received; /* payload bytes received in order */
+	__u32 segs_in;
+	__u32 segs_out;
+	__u32 retrans;        /* tcp_sock.total_retrans */
+	__u32 srtt_us;        /* as tcp_info: srtt_us >> 3 */
+	__u32 rttvar_us;      /* as tcp_info: mdev_us >> 2 */
+	__u32 min_rtt_us;     /* ~0U when there was no sample */
+};
+
+/* Addresses, read at establishment: the kernel clears the local port when it
+ * unhashes a closing socket. */
+struct tcp_tuple {
+	__u8 laddr[16];
+	__u8 raddr[16];
+	__u32 netns;
+	__u16 family;
+	__u16 lport;
+	__u16 rport;
+	__u16 pad;
+};
+
+struct tcp_event {
+	struct fm_task task;
+	struct tcp_tuple tuple;
+	__u64 flow_id;
+	__u64 ts_ns;    /* CLOCK_MONOTONIC: established (open), closed (close) */
+	__u64 start_ns; /* CLOCK_MONOTONIC: established */
+	/* Open: the raw tcp_sock bytes_acked/bytes_received at establishment,
+	 * the base that later readings of tcp_info are counted from.
+	 * Close: the flow's final counts. */
+	struct tcp_counts counts;
+	__u32 rst_sent;
+	__u32 rst_received;
+	__u8 kind;
+	__u8 role;
+};
+
+struct flow {
+	struct fm_task task;
+	struct tcp_tuple tuple;
+	__u64 id;
+	__u64 start_ns;
+	__u64 close_ns;
+	__u64 base_acked;
+	__u64 base_received;
+	struct tcp_counts final;
+	__u32 rst_sent;
+	__u32 rst_received;
+	__u16 states; /* bit n set: the socket has been in TCP state n */
+	__u8 role;
+	__u8 closed;
+};
+
+struct listener_key {
+	__u32 netns;
+	__u16 port;
+	__u16 pad;
+};
+
+/* In-flight flows, keyed by socket address. Bounded; the loader sizes it.
+ * Evictions are inferred from TCP_CTR_FLOW_NEW - TCP_CTR_FLOW_DONE - live. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct flow);
+} flows SEC(".maps");
+
+/* Listening sockets of tasks in scope: their accepted flows are in scope. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct listener_key);
+	__type(value, struct fm_task);
+} listeners SEC(".maps");
+
+__u64 next_flow_id = 0;
+
+/* Keep the event type in the object's BTF for bpf2go -type. */
+const struct tcp_event *unused_tcp_event __attribute__((unused));
+
+static __always_inline __u32 sk_netns(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+static __always_inline void read_counts(const struct sock *sk, struct flow *f,
+					struct tcp_counts *c)
+{
+	const struct tcp_sock *tp = (const void *)sk;
+	__u64 acked = BPF_CORE_READ(tp, bytes_acked);
+	__u64 received = BPF_CORE_READ(tp, bytes_received);
+	unsigned long flags = BPF_CORE_READ(sk, __sk_common.skc_flags);
+
+	/* bytes_acked counts the client's SYN (in the base) and our FIN once
+	 * it is acknowledged; bytes_received counts the peer's FIN. Neither
+	 * is payload. Our FIN was queued iff we went through FIN_WAIT1 or
+	 * LAST_ACK, and it is acknowledged iff nothing is left unacked. */
+	acked -= f->base_acked;
+	if ((f->states & ((1 << TCP_FIN_WAIT1) | (1 << TCP_LAST_ACK))) &&
+	    BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq) && acked > 0)
+		acked--;
+	received -= f->base_received;
+	if ((flags & (1UL << SOCK_DONE)) && received > 0)
+		received--;
+
+	c->bytes_sent = acked;
+	c->bytes_received = received;
+	c->segs_in = BPF_CORE_READ(tp, segs_in);
+	c->segs_out = BPF_CORE_READ(tp, segs_out);
+	c->retrans = BPF_CORE_READ(tp, total_retrans);
+	c->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
+	c->rttvar_us = BPF_CORE_READ(tp, mdev_us) >> 2;
+	c->min_rtt_us = BPF_CORE_READ(tp, rtt_min.s[0].v);
+}
+
+static __always_inline void read_tuple(const struct sock *sk, struct tcp_tuple *e)
+{
+	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	e->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	e->rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	e->netns = sk_netns(sk);
+	if (e->family == AF_INET) {
+		__be32 l = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__be32 r = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+
+		__builtin_memcpy(e->laddr, &l, 4);
+		__builtin_memcpy(e->raddr, &r, 4);
+	} else {
+		BPF_CORE_READ_INTO(&e->laddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&e->raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	}
+}
+
+static __always_inline void emit(struct flow *f, __u8 kind, __u64 ts)
+{
+	struct tcp_event *e = fm_reserve(sizeof(*e));
+
+	if (!e)
+		return;
+	__builtin_memset(e, 0, sizeof(*e));
+	e->task = f->task;
+	e->tuple = f->tuple;
+	e->flow_id = f->id;
+	e->ts_ns = ts;
+	e->start_ns = f->start_ns;
+	e->kind = kind;
+	e->role = f->role;
+	e->rst_sent = f->rst_sent;
+	e->rst_received = f->rst_received;
+	if (kind == TCP_EVENT_OPEN) {
+		e->counts.bytes_sent = f->base_acked;
+		e->counts.bytes_received = f->base_received;
+	} else {
+		e->counts = f->final;
+	}
+	fm_submit(e, sizeof(*e));
+}
+
+static __always_inline void flow_done(__u64 key)
+{
+	if (bpf_map_delete_elem(&flows, &key) == 0)
+		fm_count(TCP_CTR_FLOW_DONE);
+}
+
+static __always_inline void flow_insert(__u64 key, struct flow *f)
+{
+	f->id = __sync_fetch_and_add(&next_flow_id, 1) + 1;
+	if (bpf_map_update_elem(&flows, &key, f, BPF_ANY) == 0)
+		fm_count(TCP_CTR_FLOW_NEW);
+}
+
+static __always_inline void established(const struct sock *sk, __u64 key,
+					struct flow *f, __u64 now)
+{
+	const struct tcp_sock *tp = (const void *)sk;
+
+	f->start_ns = now;
+	f->base_acked = BPF_CORE_READ(tp, bytes_acked);
+	f->base_received = BPF_CORE_READ(tp, bytes_received);
+	f->states |= 1 << TCP_ESTABLISHED;
+	read_tuple(sk, &f->tuple);
+	emit(f, TCP_EVENT_OPEN, now);
+}
+
+SEC("raw_tracepoint/inet_sock_set_state")
+int on_set_state(struct bpf_raw_tracepoint_args *ctx)
+{
+	const struct sock *sk = (const void *)ctx->args[0];
+	int oldstate = ctx->args[1];
+	int newstate = ctx->args[2];
+	__u64 key = (__u64)sk;
+	__u64 now;
+	struct flow *f;
+
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+
+	switch (newstate) {
+	case TCP_SYN_SENT: {
+		/* connect(): process context, the caller owns the flow. */
+		if (!fm_current_in_scope())
+			return 0;
+		struct flow nf = { .role = TCP_ROLE_CLIENT, .states = 1 << TCP_SYN_SENT };
+
+		fm_current_task(&nf.task);
+		flow_insert(key, &nf);
+		return 0;
+	}
+	case TCP_LISTEN: {
+		/* listen(): process context. */
+		if (!fm_current_in_scope())
+			return 0;
+		struct listener_key lk = { .netns = sk_netns(sk),
+					   .port = BPF_CORE_READ(sk, __sk_common.skc_num) };
+		struct fm_task owner = {};
+
+		fm_current_task(&owner);
+		if (bpf_map_update_elem(&listeners, &lk, &owner, BPF_ANY))
+			fm_count(TCP_CTR_LISTENER_FULL);
+		return 0;
+	}
+	case TCP_ESTABLISHED:
+		now = bpf_ktime_get_ns();
+		if (oldstate == TCP_SYN_SENT) {
+			f = bpf_map_lookup_elem(&flows, &key);
+			if (f)
+				established(sk, key, f, now);
+		} else if (oldstate == TCP_SYN_RECV) {
+			/* Softirq context: the owner is the listener's. */
+			struct listener_key lk = { .netns = sk_netns(sk),
+						   .port = BPF_CORE_READ(sk, __sk_common.skc_num) };
+			struct fm_task *owner = bpf_map_lookup_elem(&listeners, &lk);
+
+			if (!owner)
+				return 0;
+			struct flow nf = { .task = *owner, .role = TCP_ROLE_SERVER,
+					   .states = 1 << TCP_SYN_RECV };
+
+			flow_insert(key, &nf);
+			f = bpf_map_lookup_elem(&flows, &key);
+			if (f)
+				established(sk, key, f, now);
+		}
+		return 0;
+	case TCP_CLOSE:
+		if (oldstate == TCP_LISTEN) {
+			struct listener_key lk = { .netns = sk_netns(sk),
+						   .port = BPF_CORE_READ(sk, __sk_common.skc_num) };
+
+			bpf_map_delete_elem(&listeners, &lk);
+			return 0;
+		}
+		f = bpf_map_lookup_elem(&flows, &key);
+		if (!f)
+			return 0;
+		if (!f->start_ns) {
+			/* Never established (refused, timed out): no event. */
+			flow_done(key);
+			return 0;
+		}
+		f->states |= 1 << TCP_CLOSE;
+		/* Snapshot now: tcp_disconnect() zeroes the counters right
+		 * after this transition. The event waits for tcp_destroy_sock,
+		 * so that a reset sent by the close path is counted. */
+		read_counts(sk, f, &f->final);
+		f->close_ns = bpf_ktime_get_ns();
+		f->closed = 1;
+		return 0;
+	default:
+		f = bpf_map_lookup_elem(&flows, &key);
+		if (f)
+			f->states |= 1 << (newstate & 15);
+		return 0;
+	}
+}
+
+SEC("raw_tracepoint/tcp_destroy_sock")
+int on_destroy_sock(struct bpf_raw_tracepoint_args *ctx)
+{
+	const struct sock *sk = (const void *)ctx->args[0];
+	__u64 key = (__u64)sk;
+	struct flow *f = bpf_map_lookup_elem(&flows, &key);
+
+	if (!f)
+		return 0;
+	if (f->start_ns) {
+		if (!f->closed) {
+			read_counts(sk, f, &f->final);
+			f->close_ns = bpf_ktime_get_ns();
+		}
+		emit(f, TCP_EVENT_CLOSE, f->close_ns);
+	}
+	flow_done(key);
+	return 0;
+}
+
+SEC("raw_tracepoint/tcp_send_reset")
+int on_send_reset(struct bpf_raw_tracepoint_args *ctx)
+{
+	__u64 key = ctx->args[0];
+	struct flow *f;
+
+	if (!key)
+		return 0;
+	f = bpf_map_lookup_elem(&flows, &key);
+	if (f)
+		__sync_fetch_and_add(&f->rst_sent, 1);
+	return 0;
+}
+
+SEC("raw_tracepoint/tcp_receive_reset")
+int on_receive_reset(struct bpf_raw_tracepoint_args *ctx)
+{
+	__u64 key = ctx->args[0];
+	struct flow *f = bpf_map_lookup_elem(&flows, &key);
+
+	if (f)
+		__sync_fetch_and_add(&f->rst_received, 1);
+	return 0;
+}

@@ -1,0 +1,191 @@
+// Package tcp is the TCP connection probe family: connection lifecycle
+// (ConnOpened, ConnClosed) and per-flow counters (ConnStats, and the final
+// Stats in ConnClosed) for IPv4 and IPv6, client and server side.
+//
+// It attaches to stable raw tracepoints only (inet_sock_set_state,
+// tcp_destroy_sock, tcp_send_reset, tcp_receive_reset), so it needs neither
+// kprobes nor fentry. The kernel sends one record when a connection is
+// established and one when it ends; the counters are the socket's own,
+// read at close, so nothing runs per packet. Periodic ConnStats for open
+// connections are read from the kernel's tcp_info through sock_diag (what
+// ss -ti shows), for connections in the session's network namespace.
+package tcp
+
+import (
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/flowmill/flowmill/internal/bpfload"
+	"github.com/flowmill/flowmill/probes"
+)
+
+// Option configures the probe.
+type Option func(*Probe)
+
+// WithStatsInterval sets how often ConnStats is sent for each open
+// connection (default 5s). Zero disables periodic stats.
+func WithStatsInterval(d time.Duration) Option {
+	return func(p *Probe) { p.interval = d }
+}
+
+// WithMaxFlows bounds the kernel's table of in-flight connections (default
+// 65536). When it is full the least recently used entry is evicted, and the
+// eviction is counted in the session's Stats.Evicted.
+func WithMaxFlows(n int) Option {
+	return func(p *Probe) { p.maxFlows = uint32(n) }
+}
+
+// Probe is the TCP probe family. Create it with New.
+type Probe struct {
+	interval time.Duration
+	maxFlows uint32
+}
+
+// New returns the TCP probe, to pass to flowmill.WithProbes. It produces
+// ConnOpened, ConnStats and ConnClosed.
+func New(opts ...Option) *Probe {
+	p := &Probe{interval: 5 * time.Second, maxFlows: 65536}
+	for _, o := range opts {
+		o(p)
+	}
+	return p
+}
+
+// Name returns "tcp".
+func (p *Probe) Name() string { return "tcp" }
+
+// Counter slots (bpf/include/flowmill.h, bpf/tcp.c).
+const (
+	ctrLost = iota
+	ctrFlowNew
+	ctrFlowDone
+	ctrListenerFull
+	nCounters
+)
+
+// Attach loads and attaches the probe. It is called by flowmill.Start.
+func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
+	if p.maxFlows == 0 {
+		return nil, fmt.Errorf("tcp: WithMaxFlows must be positive")
+	}
+	spec, err := loadTcpBPF()
+	if err != nil {
+		return nil, err
+	}
+	if err := bpfload.Configure(spec, env); err != nil {
+		return nil, fmt.Errorf("tcp: %w", err)
+	}
+	spec.Maps["flows"].MaxEntries = p.maxFlows
+	a := &attachment{
+		dec:    decoder{boot: env.BootTime},
+		opened: probes.Produce[ConnOpened](env.Bus),
+		closed: probes.Produce[ConnClosed](env.Bus),
+		stats:  probes.Produce[ConnStats](env.Bus),
+	}
+	if err := bpfload.Load(spec, env, &a.objs, func() *ebpf.Map { return a.objs.ScopeCgroup }); err != nil {
+		return nil, fmt.Errorf("tcp: %w", err)
+	}
+	if err := seedListeners(a.objs.Listeners, env.Scope); err != nil {
+		a.objs.Close()
+		return nil, fmt.Errorf("tcp: finding existing listening sockets: %w", err)
+	}
+	a.links, err = bpfload.AttachRawTracepoints(
+		// Resets and destruction first, so no flow created by
+		// inet_sock_set_state misses them.
+		bpfload.RawTracepoint{Name: "tcp_send_reset", Program: a.objs.OnSendReset},
+		bpfload.RawTracepoint{Name: "tcp_receive_reset", Program: a.objs.OnReceiveReset},
+		bpfload.RawTracepoint{Name: "tcp_destroy_sock", Program: a.objs.OnDestroySock},
+		bpfload.RawTracepoint{Name: "inet_sock_set_state", Program: a.objs.OnSetState},
+	)
+	if err != nil {
+		a.objs.Close()
+		return nil, fmt.Errorf("tcp: %w", err)
+	}
+	if p.interval > 0 {
+		if a.poller, err = newPoller(p.interval, a.stats); err != nil {
+			a.Close()
+			return nil, fmt.Errorf("tcp: %w", err)
+		}
+	}
+	return a, nil
+}
+
+type attachment struct {
+	objs   tcpBPFObjects
+	links  []link.Link
+	dec    decoder
+	poller *poller // nil without periodic stats
+
+	opened *probes.Topic[ConnOpened]
+	closed *probes.Topic[ConnClosed]
+	stats  *probes.Topic[ConnStats]
+
+	statsMu sync.Mutex
+	evicted uint64 // highest eviction count reported, so it never goes back
+}
+
+func (a *attachment) Rings() []probes.Ring {
+	return []probes.Ring{{Map: a.objs.Events, Handle: a.handle}}
+}
+
+// handle decodes one record and publishes it. Malformed records cannot come
+// from our own programs; they are ignored.
+func (a *attachment) handle(raw []byte) {
+	e, err := a.dec.record(raw)
+	if err != nil {
+		return
+	}
+	switch e.Kind {
+	case kindOpen:
+		ev := ConnOpened{Time: a.dec.boot(e.TsNs), Conn: a.dec.conn(e)}
+		if a.poller != nil {
+			a.poller.open(&ev.Conn, e)
+		}
+		a.opened.Publish(&ev)
+	case kindClose:
+		ev := ConnClosed{
+			Time:     a.dec.boot(e.TsNs),
+			Conn:     a.dec.conn(e),
+			Stats:    stats(&e.Counts, e.RstSent, e.RstReceived),
+			Duration: time.Duration(e.TsNs - e.StartNs),
+		}
+		if a.poller != nil {
+			a.poller.close(&ev.Conn)
+		}
+		a.closed.Publish(&ev)
+	}
+}
+
+func (a *attachment) Stats() (probes.Stats, error) {
+	c, err := bpfload.Counters(a.objs.Counters, nCounters)
+	if err != nil {
+		return probes.Stats{}, err
+	}
+	live, err := countKeys(a.objs.Flows)
+	if err != nil {
+		return probes.Stats{}, err
+	}
+	// Every flow inserted is either still in the map, removed by our
+	// programs, or evicted by the LRU.
+	a.statsMu.Lock()
+	defer a.statsMu.Unlock()
+	if n := int64(c[ctrFlowNew]) - int64(c[ctrFlowDone]) - int64(live); n > int64(a.evicted) {
+		a.evicted = uint64(n)
+	}
+	return probes.Stats{Lost: c[ctrLost] + c[ctrListenerFull], Evicted: a.evicted}, nil
+}
+
+func (a *attachment) Close() error {
+	if a.poller != nil {
+		a.poller.stop()
+	}
+	err := bpfload.CloseLinks(a.links)
+	if cerr := a.objs.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
