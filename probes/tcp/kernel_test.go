@@ -1,0 +1,156 @@
+package tcp
+
+import (
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/flowmill/flowmill/internal/bpfload"
+	"github.com/flowmill/flowmill/internal/kclock"
+	"github.com/flowmill/flowmill/internal/testutil"
+	"github.com/flowmill/flowmill/probes"
+)
+
+func attachForTest(t testing.TB, scope probes.Scope) *attachment {
+	t.Helper()
+	testutil.RequireBPF(t)
+	testutil.CheckStart(t, bpfload.Check())
+	clock := kclock.New()
+	env := &probes.Env{Scope: scope, Bus: probes.NewBus(), RingSize: 1 << 20, WakeupBytes: 64 << 10, BootTime: clock.Time}
+	att, err := New(WithStatsInterval(0)).Attach(env)
+	testutil.CheckStart(t, err)
+	return att.(*attachment)
+}
+
+func programs(a *attachment) []*ebpf.Program {
+	o := &a.objs
+	return []*ebpf.Program{o.OnSetState, o.OnDestroySock, o.OnSendReset, o.OnReceiveReset}
+}
+
+// Close leaves nothing behind: every program, map and link the probe
+// created is gone from the kernel afterwards.
+func TestCloseLeavesNothing(t *testing.T) {
+	a := attachForTest(t, probes.Scope{Kind: probes.ScopeHost})
+	var progs []ebpf.ProgramID
+	for _, p := range programs(a) {
+		info, err := p.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := info.ID()
+		progs = append(progs, id)
+	}
+	var maps []ebpf.MapID
+	for _, m := range []*ebpf.Map{a.objs.Events, a.objs.Flows, a.objs.Listeners, a.objs.Counters} {
+		info, err := m.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := info.ID()
+		maps = append(maps, id)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// The kernel frees programs and maps once the last reference is gone;
+	// that can take an RCU grace period.
+	deadline := time.Now().Add(5 * time.Second)
+	for _, id := range progs {
+		for {
+			p, err := ebpf.NewProgramFromID(id)
+			if err != nil {
+				break
+			}
+			p.Close()
+			if time.Now().After(deadline) {
+				t.Fatalf("program %d still loaded after Close", id)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	for _, id := range maps {
+		for {
+			m, err := ebpf.NewMapFromID(id)
+			if err != nil {
+				break
+			}
+			m.Close()
+			if time.Now().After(deadline) {
+				t.Fatalf("map %d still exists after Close", id)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+// BenchmarkKernelCost measures what each program costs per hit in the
+// kernel (BPF_ENABLE_STATS: run time and run count), driven by loopback
+// connections that each move a little data. b.N is the number of
+// connections.
+func BenchmarkKernelCost(b *testing.B) {
+	a := attachForTest(b, probes.Scope{Kind: probes.ScopeProcess, PID: uint32(unix.Getpid())})
+	defer a.Close()
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		testutil.Unavailable(b, "BPF_ENABLE_STATS: %v", err)
+	}
+	defer stats.Close()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("x"))
+			c.Close()
+		}
+	}()
+	before := progStats(b, a)
+	for b.Loop() {
+		c, err := net.Dial("tcp4", ln.Addr().String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		io.Copy(io.Discard, c)
+		c.Close()
+	}
+	b.StopTimer()
+	time.Sleep(50 * time.Millisecond) // let the last closes run
+	after := progStats(b, a)
+	var runs, ns uint64
+	for name, s := range after {
+		r, t := s[0]-before[name][0], s[1]-before[name][1]
+		runs += r
+		ns += t
+		if r > 0 {
+			b.ReportMetric(float64(t)/float64(r), "ns/hit-"+name)
+		}
+	}
+	b.ReportMetric(float64(runs)/float64(b.N), "hits/conn")
+	b.ReportMetric(float64(ns)/float64(b.N), "kernel-ns/conn")
+}
+
+func progStats(b *testing.B, a *attachment) map[string][2]uint64 {
+	out := map[string][2]uint64{}
+	for _, p := range programs(a) {
+		info, err := p.Info()
+		if err != nil {
+			b.Fatal(err)
+		}
+		st, err := p.Stats()
+		if err != nil {
+			b.Fatal(err)
+		}
+		out[info.Name] = [2]uint64{st.RunCount, uint64(st.Runtime)}
+	}
+	return out
+}
