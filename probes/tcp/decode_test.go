@@ -2,9 +2,9 @@ package tcp
 
 import (
 	"bytes"
-	"runtime"
 	"encoding/binary"
 	"net/netip"
+	"runtime"
 	"testing"
 	"time"
 
