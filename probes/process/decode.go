@@ -3,6 +3,7 @@ package process
 import (
 	"bytes"
 	"errors"
+	"math"
 	"syscall"
 	"time"
 	"unsafe"
@@ -132,8 +133,8 @@ func (d *decoder) decodeExit(ev *Exit) {
 		Process:  d.process(h),
 		ExitCode: -1,
 	}
-	if h.TsNs > h.StartNs {
-		ev.Lifetime = time.Duration(h.TsNs - h.StartNs)
+	if d := h.TsNs - h.StartNs; h.TsNs > h.StartNs && d <= math.MaxInt64 {
+		ev.Lifetime = time.Duration(d)
 	}
 	// The wait status: exit status in bits 8-15, or the signal in bits
 	// 0-6 and the core dump flag in bit 7.
