@@ -31,10 +31,14 @@ type session struct {
 func start(t *testing.T, opts ...flowmill.Option) *session {
 	t.Helper()
 	testutil.RequireBPF(t)
-	before := ourPrograms(t)
+	held := testutil.OwnPrograms(t)
 	opts = append(opts, flowmill.WithProbes(process.New()), flowmill.WithMaxLatency(10*time.Millisecond))
 	s, err := flowmill.Start(context.Background(), opts...)
 	testutil.CheckStart(t, err)
+	ours := newIDs(held, testutil.OwnPrograms(t))
+	if len(ours) != 3 {
+		t.Errorf("the session holds %d programs, want 3: %v", len(ours), ours)
+	}
 	t.Cleanup(func() {
 		if err := s.Close(); err != nil {
 			t.Errorf("close: %v", err)
@@ -42,15 +46,7 @@ func start(t *testing.T, opts ...flowmill.Option) *session {
 		if err := s.Close(); err != nil { // idempotent
 			t.Errorf("second close: %v", err)
 		}
-		// The kernel frees programs after an RCU grace period.
-		var left []ebpf.ProgramID
-		for range 100 {
-			if left = newPrograms(t, before); len(left) == 0 {
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		t.Errorf("programs of the probe still loaded 2s after Close: %v", left)
+		testutil.ProgramsGone(t, ours)
 	})
 	ss := &session{s: s}
 	ss.execs, err = flowmill.Subscribe[process.Exec](s, flowmill.WithBuffer(1<<16))
@@ -68,38 +64,15 @@ func start(t *testing.T, opts ...flowmill.Option) *session {
 	return ss
 }
 
-// ourPrograms lists the IDs of loaded programs named like ours (on_exec,
-// on_exit, on_fork). Other tests may load programs concurrently; only the
-// IDs a session added are compared.
-func ourPrograms(t *testing.T) map[ebpf.ProgramID]bool {
-	t.Helper()
-	ids := make(map[ebpf.ProgramID]bool)
-	for id := ebpf.ProgramID(0); ; {
-		next, err := ebpf.ProgramGetNextID(id)
-		if err != nil {
-			return ids
-		}
-		id = next
-		p, err := ebpf.NewProgramFromID(id)
-		if err != nil {
-			continue
-		}
-		info, err := p.Info()
-		p.Close()
-		if err == nil && slices.Contains([]string{"on_exec", "on_exit", "on_fork"}, info.Name) {
-			ids[id] = true
+// newIDs returns the programs in after that are not in before.
+func newIDs(before, after []ebpf.ProgramID) []ebpf.ProgramID {
+	var ids []ebpf.ProgramID
+	for _, id := range after {
+		if !slices.Contains(before, id) {
+			ids = append(ids, id)
 		}
 	}
-}
-
-func newPrograms(t *testing.T, before map[ebpf.ProgramID]bool) []ebpf.ProgramID {
-	var left []ebpf.ProgramID
-	for id := range ourPrograms(t) {
-		if !before[id] {
-			left = append(left, id)
-		}
-	}
-	return left
+	return ids
 }
 
 // run runs a command to completion and returns its PID.

@@ -32,9 +32,18 @@ func buildSysloop(t *testing.T) string {
 func start(t *testing.T, p *syscalls.Probe, opts ...flowmill.Option) *flowmill.Session {
 	t.Helper()
 	testutil.RequireBPF(t)
-	before := ourPrograms()
+	held := testutil.OwnPrograms(t)
 	s, err := flowmill.Start(context.Background(), append(opts, flowmill.WithProbes(p))...)
 	testutil.CheckStart(t, err)
+	var ours []ebpf.ProgramID
+	for _, id := range testutil.OwnPrograms(t) {
+		if !slices.Contains(held, id) {
+			ours = append(ours, id)
+		}
+	}
+	if len(ours) < 2 {
+		t.Errorf("the session holds %d programs, want at least 2: %v", len(ours), ours)
+	}
 	t.Cleanup(func() {
 		if err := s.Close(); err != nil {
 			t.Errorf("close: %v", err)
@@ -42,44 +51,9 @@ func start(t *testing.T, p *syscalls.Probe, opts ...flowmill.Option) *flowmill.S
 		if err := s.Close(); err != nil {
 			t.Errorf("second close: %v", err)
 		}
-		for range 100 { // programs are freed after an RCU grace period
-			left := 0
-			for id := range ourPrograms() {
-				if !before[id] {
-					left++
-				}
-			}
-			if left == 0 {
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		t.Errorf("programs of the probe still loaded 2s after Close")
+		testutil.ProgramsGone(t, ours)
 	})
 	return s
-}
-
-// ourPrograms lists the IDs of loaded programs named like ours. Other tests
-// may load programs concurrently; only the IDs a session added are
-// compared.
-func ourPrograms() map[ebpf.ProgramID]bool {
-	ids := make(map[ebpf.ProgramID]bool)
-	for id := ebpf.ProgramID(0); ; {
-		next, err := ebpf.ProgramGetNextID(id)
-		if err != nil {
-			return ids
-		}
-		id = next
-		p, err := ebpf.NewProgramFromID(id)
-		if err != nil {
-			continue
-		}
-		info, err := p.Info()
-		p.Close()
-		if err == nil && slices.Contains([]string{"on_sys_enter", "on_exit", "on_fork"}, info.Name) {
-			ids[id] = true
-		}
-	}
 }
 
 func must(t *testing.T, name string) syscalls.Syscall {
