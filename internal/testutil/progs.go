@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // OwnPrograms lists the eBPF programs this process holds a file descriptor
@@ -62,4 +63,42 @@ func ProgramsGone(t testing.TB, ids []ebpf.ProgramID) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Errorf("programs %v still loaded 2s after Close", left)
+}
+
+// RunStats returns, by program name, the run count and total run time the
+// kernel measured for the programs in ids. Enable the measurement first
+// with EnableRunStats.
+func RunStats(t testing.TB, ids []ebpf.ProgramID) map[string]ebpf.ProgramStats {
+	t.Helper()
+	out := make(map[string]ebpf.ProgramStats)
+	for _, id := range ids {
+		p, err := ebpf.NewProgramFromID(id)
+		if err != nil {
+			t.Fatalf("program %d: %v", id, err)
+		}
+		info, err := p.Info()
+		if err != nil {
+			p.Close()
+			t.Fatalf("program %d: %v", id, err)
+		}
+		st, err := p.Stats()
+		p.Close()
+		if err != nil {
+			t.Fatalf("program %d: %v", id, err)
+		}
+		out[info.Name] = *st
+	}
+	return out
+}
+
+// EnableRunStats makes the kernel measure the run time of every eBPF
+// program (what the sysctl kernel.bpf_stats_enabled=1 does, without
+// changing the sysctl) until the end of t.
+func EnableRunStats(t testing.TB) {
+	t.Helper()
+	c, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
+	if err != nil {
+		Unavailable(t, "enabling eBPF run-time statistics: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
 }
