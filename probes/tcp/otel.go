@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
@@ -112,9 +113,12 @@ type flowState struct {
 	sets            *attrSets
 }
 
-// attrSets are a flow's metric attributes, built once per distinct set.
+// attrSets are a flow's metric attributes, built once per distinct set,
+// as ready option slices: passing one option to a variadic parameter
+// would allocate its slice on every measurement.
 type attrSets struct {
-	base, tx, rx metric.MeasurementOption
+	base, tx, rx []metric.AddOption // without and with network.io.direction
+	rec          []metric.RecordOption
 }
 
 // setKey is what the selected metric attributes depend on; fields of
@@ -249,7 +253,7 @@ func (r *recorder) recordOpened(e *ConnOpened) {
 	f := r.flow(&e.Conn)
 	if !f.opened {
 		f.opened = true
-		r.active.Add(context.Background(), 1, f.sets.base)
+		r.active.Add(context.Background(), 1, f.sets.base...)
 	}
 	r.flows[e.ID] = f
 }
@@ -264,9 +268,9 @@ func (r *recorder) recordClosed(e *ConnClosed) {
 	f := r.flow(&e.Conn)
 	r.add(&f, &e.Stats)
 	ctx := context.Background()
-	r.duration.Record(ctx, e.Duration.Seconds(), f.sets.base)
+	r.duration.Record(ctx, e.Duration.Seconds(), f.sets.rec...)
 	if f.opened {
-		r.active.Add(ctx, -1, f.sets.base)
+		r.active.Add(ctx, -1, f.sets.base...)
 	}
 	delete(r.flows, e.ID)
 	if r.spans {
@@ -279,28 +283,28 @@ func (r *recorder) recordClosed(e *ConnClosed) {
 func (r *recorder) add(f *flowState, s *Stats) {
 	ctx := context.Background()
 	if d := grow(&f.sent, s.BytesSent); d > 0 {
-		r.bytes.Add(ctx, d, f.sets.tx)
+		r.bytes.Add(ctx, d, f.sets.tx...)
 	}
 	if d := grow(&f.received, s.BytesReceived); d > 0 {
-		r.bytes.Add(ctx, d, f.sets.rx)
+		r.bytes.Add(ctx, d, f.sets.rx...)
 	}
 	if d := grow32(&f.segsOut, s.SegmentsOut); d > 0 {
-		r.packets.Add(ctx, d, f.sets.tx)
+		r.packets.Add(ctx, d, f.sets.tx...)
 	}
 	if d := grow32(&f.segsIn, s.SegmentsIn); d > 0 {
-		r.packets.Add(ctx, d, f.sets.rx)
+		r.packets.Add(ctx, d, f.sets.rx...)
 	}
 	if d := grow32(&f.retrans, s.Retransmits); d > 0 {
-		r.retrans.Add(ctx, d, f.sets.base)
+		r.retrans.Add(ctx, d, f.sets.base...)
 	}
 	if d := grow32(&f.rstSent, s.ResetsSent); d > 0 {
-		r.resets.Add(ctx, d, f.sets.tx)
+		r.resets.Add(ctx, d, f.sets.tx...)
 	}
 	if d := grow32(&f.rstRec, s.ResetsReceived); d > 0 {
-		r.resets.Add(ctx, d, f.sets.rx)
+		r.resets.Add(ctx, d, f.sets.rx...)
 	}
 	if s.SRTT > 0 {
-		r.rtt.Record(ctx, s.SRTT.Seconds(), f.sets.base)
+		r.rtt.Record(ctx, s.SRTT.Seconds(), f.sets.rec...)
 	}
 }
 
@@ -395,11 +399,14 @@ func (r *recorder) attrSets(c *Conn) *attrSets {
 	if r.attrs.Has(probes.AttrProcess) {
 		kv = append(kv, semconv.ProcessPID(int(k.pid)), semconv.ProcessExecutableName(k.comm))
 	}
-	base := attribute.NewSet(kv...)
+	// attribute.NewSet sorts its argument in place: each set gets its own
+	// slice.
+	base := metric.WithAttributeSet(attribute.NewSet(slices.Clone(kv)...))
 	s := &attrSets{
-		base: metric.WithAttributeSet(base),
-		tx:   metric.WithAttributeSet(attribute.NewSet(append(kv, semconv.NetworkIODirectionTransmit)...)),
-		rx:   metric.WithAttributeSet(attribute.NewSet(append(kv, semconv.NetworkIODirectionReceive)...)),
+		base: []metric.AddOption{base},
+		tx:   []metric.AddOption{metric.WithAttributeSet(attribute.NewSet(append(slices.Clone(kv), semconv.NetworkIODirectionTransmit)...))},
+		rx:   []metric.AddOption{metric.WithAttributeSet(attribute.NewSet(append(kv, semconv.NetworkIODirectionReceive)...))},
+		rec:  []metric.RecordOption{base},
 	}
 	r.sets[k] = s
 	return s
