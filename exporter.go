@@ -32,9 +32,12 @@ const (
 	// AttrServerPort: the server-side port (network.local.port on accepted
 	// connections, network.peer.port on outgoing ones).
 	AttrServerPort = probes.AttrServerPort
-	// AttrProcess: process.pid and process.executable.name.
-	AttrProcess = probes.AttrProcess
-	// DefaultAttributes is all of the above.
+	// AttrExecutable: process.executable.name.
+	AttrExecutable = probes.AttrExecutable
+	// AttrPID: process.pid; not in DefaultAttributes, since short-lived
+	// processes of a host would each make their own time series.
+	AttrPID = probes.AttrPID
+	// DefaultAttributes is AttrPeerAddress|AttrServerPort|AttrExecutable.
 	DefaultAttributes = probes.DefaultAttributes
 )
 
@@ -63,8 +66,10 @@ func WithTracerProvider(tp trace.TracerProvider) ExporterOption {
 }
 
 // WithAttributes chooses the metric attribute groups (default
-// DefaultAttributes), for instance AttrServerPort|AttrProcess to drop the
-// peer address on a server with many clients. network.transport,
+// DefaultAttributes), for instance AttrServerPort|AttrExecutable to drop
+// the peer address on a server with many clients, or
+// DefaultAttributes|AttrPID to tell processes of the same executable
+// apart. network.transport,
 // network.type and the connection's role are always present.
 func WithAttributes(a Attributes) ExporterOption {
 	return func(c *exporterConfig) { c.attrs = a }

@@ -96,11 +96,16 @@ const (
 	// of an accepted connection (network.local.port), the remote port of
 	// an outgoing one (network.peer.port).
 	AttrServerPort
-	// AttrProcess: the process (process.pid, process.executable.name).
-	AttrProcess
+	// AttrExecutable: the process's executable name
+	// (process.executable.name).
+	AttrExecutable
+	// AttrPID: the process ID (process.pid). Not in DefaultAttributes: one
+	// value per process is fine for a service observing itself, but
+	// unbounded over time on a host where short-lived processes connect.
+	AttrPID
 
 	// DefaultAttributes is what the exporter uses unless told otherwise.
-	DefaultAttributes = AttrPeerAddress | AttrServerPort | AttrProcess
+	DefaultAttributes = AttrPeerAddress | AttrServerPort | AttrExecutable
 )
 
 // Has reports whether every group of g is selected in a.

@@ -370,8 +370,11 @@ func (r *recorder) attrSets(c *Conn) *attrSets {
 			k.serverPort = c.Remote.Port()
 		}
 	}
-	if r.attrs.Has(probes.AttrProcess) {
-		k.pid, k.comm = c.PID, c.Comm
+	if r.attrs.Has(probes.AttrExecutable) {
+		k.comm = c.Comm
+	}
+	if r.attrs.Has(probes.AttrPID) {
+		k.pid = c.PID
 	}
 	if s, ok := r.sets[k]; ok {
 		return s
@@ -396,8 +399,11 @@ func (r *recorder) attrSets(c *Conn) *attrSets {
 			kv = append(kv, semconv.NetworkPeerPort(int(k.serverPort)))
 		}
 	}
-	if r.attrs.Has(probes.AttrProcess) {
-		kv = append(kv, semconv.ProcessPID(int(k.pid)), semconv.ProcessExecutableName(k.comm))
+	if r.attrs.Has(probes.AttrExecutable) {
+		kv = append(kv, semconv.ProcessExecutableName(k.comm))
+	}
+	if r.attrs.Has(probes.AttrPID) {
+		kv = append(kv, semconv.ProcessPID(int(k.pid)))
 	}
 	// attribute.NewSet sorts its argument in place: each set gets its own
 	// slice.

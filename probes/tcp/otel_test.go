@@ -96,12 +96,14 @@ var (
 	}
 )
 
+const allAttrs = probes.DefaultAttributes | probes.AttrPID
+
 func with(kv []attribute.KeyValue, more ...attribute.KeyValue) attribute.Set {
 	return attribute.NewSet(append(append([]attribute.KeyValue{}, kv...), more...)...)
 }
 
 func TestDeltasAcrossPeriodicStatsAndClose(t *testing.T) {
-	h := newHarness(t, probes.DefaultAttributes)
+	h := newHarness(t, allAttrs)
 	h.opened.Publish(&ConnOpened{Time: start, Conn: clientCon})
 	for _, sent := range []uint64{100, 300, 300} {
 		h.stats.Publish(&ConnStats{Time: start.Add(time.Second), Conn: clientCon, Duration: time.Second,
@@ -147,7 +149,7 @@ func TestDeltasAcrossPeriodicStatsAndClose(t *testing.T) {
 // The recorder reads three channels in no particular order; a close must
 // still come after the open and the stats published before it.
 func TestOrderAcrossChannels(t *testing.T) {
-	h := newHarness(t, probes.DefaultAttributes)
+	h := newHarness(t, allAttrs)
 	const flows = 500
 	for i := range uint64(flows) {
 		c := clientCon
@@ -186,7 +188,9 @@ func TestAttributeChoiceAndEphemeralPorts(t *testing.T) {
 		{probes.DefaultAttributes, server, []attribute.KeyValue{
 			semconv.NetworkTransportTCP, semconv.NetworkTypeIPv6, attrRole.String("server"),
 			semconv.NetworkPeerAddress("::1"), semconv.NetworkLocalPort(8080),
-			semconv.ProcessPID(42), semconv.ProcessExecutableName("curl")}},
+			semconv.ProcessExecutableName("curl")}},
+		{probes.AttrPID, server, []attribute.KeyValue{
+			semconv.NetworkTransportTCP, semconv.NetworkTypeIPv6, attrRole.String("server"), semconv.ProcessPID(42)}},
 		{probes.AttrServerPort, server, []attribute.KeyValue{
 			semconv.NetworkTransportTCP, semconv.NetworkTypeIPv6, attrRole.String("server"), semconv.NetworkLocalPort(8080)}},
 		{probes.AttrServerPort, clientCon, []attribute.KeyValue{
@@ -226,7 +230,7 @@ func TestSpansWithKernelTimes(t *testing.T) {
 		}
 	}
 
-	off := newHarness(t, probes.DefaultAttributes)
+	off := newHarness(t, allAttrs)
 	off.closed.Publish(&ConnClosed{Time: end, Conn: clientCon, Duration: time.Second})
 	off.run(t)
 	if n := len(off.spans.Ended()); n != 0 {
@@ -285,7 +289,7 @@ func TestExplicitBucketsHint(t *testing.T) {
 // periodic report, close) into the SDK, peers sharing attribute sets as
 // clients of a few servers do.
 func BenchmarkRecordFlow(b *testing.B) {
-	h := newHarness(b, probes.DefaultAttributes)
+	h := newHarness(b, allAttrs)
 	r := h.rec
 	st := Stats{BytesSent: 1000, BytesReceived: 2000, SegmentsOut: 10, SegmentsIn: 12, SRTT: 50 * time.Microsecond}
 	b.ReportAllocs()
@@ -306,7 +310,7 @@ func BenchmarkRecordFlow(b *testing.B) {
 // BenchmarkRecordStats measures one periodic report of an open flow whose
 // counters grew.
 func BenchmarkRecordStats(b *testing.B) {
-	h := newHarness(b, probes.DefaultAttributes)
+	h := newHarness(b, allAttrs)
 	r := h.rec
 	e := ConnStats{Conn: clientCon, Stats: Stats{SRTT: 50 * time.Microsecond}}
 	b.ReportAllocs()
@@ -322,7 +326,7 @@ func BenchmarkRecordStats(b *testing.B) {
 // BenchmarkRecordFlowNewPeers is BenchmarkRecordFlow with a distinct peer
 // per flow: every flow builds its attribute sets.
 func BenchmarkRecordFlowNewPeers(b *testing.B) {
-	h := newHarness(b, probes.DefaultAttributes)
+	h := newHarness(b, allAttrs)
 	r := h.rec
 	st := Stats{BytesSent: 1000, BytesReceived: 2000, SegmentsOut: 10, SegmentsIn: 12, SRTT: 50 * time.Microsecond}
 	b.ReportAllocs()
@@ -341,7 +345,7 @@ func BenchmarkRecordFlowNewPeers(b *testing.B) {
 // BenchmarkSDKAdd is the baseline: one counter Add with a prepared
 // attribute set, the unit the flow cost is made of.
 func BenchmarkSDKAdd(b *testing.B) {
-	h := newHarness(b, probes.DefaultAttributes)
+	h := newHarness(b, allAttrs)
 	opt := h.rec.attrSets(&clientCon).tx
 	ctx := context.Background()
 	b.ReportAllocs()
