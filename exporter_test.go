@@ -3,8 +3,6 @@ package flowmill_test
 import (
 	"context"
 	"errors"
-	"io"
-	"net"
 	"os"
 	"strings"
 	"sync"
@@ -26,42 +24,6 @@ import (
 	"github.com/flowmill/flowmill/probes"
 	"github.com/flowmill/flowmill/probes/tcp"
 )
-
-// transfer sends n bytes over a fresh loopback connection from a client to
-// a server of this process. It returns the server port and the two
-// connections, still open.
-func transfer(t *testing.T, n int) (port int, client, server net.Conn) {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			close(accepted)
-			return
-		}
-		accepted <- c
-	}()
-	client, err = net.Dial("tcp4", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close() })
-	server, ok := <-accepted
-	if !ok {
-		t.Fatal("accept failed")
-	}
-	t.Cleanup(func() { server.Close() })
-	go client.Write(make([]byte, n))
-	if _, err := io.ReadFull(server, make([]byte, n)); err != nil {
-		t.Fatal(err)
-	}
-	return ln.Addr().(*net.TCPAddr).Port, client, server
-}
 
 func comm(t *testing.T) string {
 	b, err := os.ReadFile("/proc/self/comm")
@@ -142,7 +104,7 @@ func TestExporterCountsATransferOnce(t *testing.T) {
 	t.Cleanup(reports.Close)
 
 	began := time.Now()
-	port, client, server := transfer(t, n)
+	port, client, server := testutil.Transfer(t, n)
 
 	// Wait for a periodic report of the client side with all N bytes
 	// acknowledged: the close must not count them again.
@@ -261,7 +223,7 @@ func TestExporterStopsWithSessionAndShutdownIsIdempotent(t *testing.T) {
 	}
 	t.Cleanup(func() { exp.Close() })
 
-	port, client, server := transfer(t, 1000)
+	port, client, server := testutil.Transfer(t, 1000)
 	client.Close()
 	server.Close()
 	time.Sleep(200 * time.Millisecond) // past the session's drain timer
