@@ -50,6 +50,8 @@ import (
 //   - Spans for events that already happened carry the kernel's times
 //     (trace.WithTimestamp on Start and End).
 type Telemetry interface {
+	// Telemetry creates the family's instruments, subscribes to its
+	// events and returns the Recorder that will record them.
 	Telemetry(env *TelemetryEnv) (Recorder, error)
 }
 
