@@ -84,6 +84,7 @@ func WithMaxLatency(d time.Duration) Option {
 // Session is a set of attached probes. Close it to detach them.
 type Session struct {
 	bus     *probes.Bus
+	probes  []probes.Probe // the selected families, for the exporter
 	atts    []attached
 	readers []*ringread.Reader
 	wg      sync.WaitGroup
@@ -131,7 +132,7 @@ func Start(ctx context.Context, opts ...Option) (*Session, error) {
 		return nil, fmt.Errorf("flowmill: %w", err)
 	}
 	clock := kclock.New()
-	s := &Session{bus: probes.NewBus(), done: make(chan struct{})}
+	s := &Session{bus: probes.NewBus(), done: make(chan struct{}), probes: c.probes}
 	env := &probes.Env{
 		Scope:       c.scope,
 		Bus:         s.bus,

@@ -43,6 +43,7 @@ func WithMaxFlows(n int) Option {
 type Probe struct {
 	interval time.Duration
 	maxFlows uint32
+	spans    bool // see WithSpans
 }
 
 // New returns the TCP probe, to pass to flowmill.WithProbes. It produces
