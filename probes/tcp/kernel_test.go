@@ -35,17 +35,9 @@ func programs(a *attachment) []*ebpf.Program {
 // created is gone from the kernel afterwards.
 func TestCloseLeavesNothing(t *testing.T) {
 	a := attachForTest(t, probes.Scope{Kind: probes.ScopeHost})
-	var progs []ebpf.ProgramID
-	for _, p := range programs(a) {
-		info, err := p.Info()
-		if err != nil {
-			t.Fatal(err)
-		}
-		id, _ := info.ID()
-		progs = append(progs, id)
-	}
+	progs := programIDs(t, a)
 	var maps []ebpf.MapID
-	for _, m := range []*ebpf.Map{a.objs.Events, a.objs.Flows, a.objs.Listeners, a.objs.Counters} {
+	for _, m := range []*ebpf.Map{a.objs.Events, a.objs.Flows, a.objs.Listeners, a.objs.Counters, a.objs.Snaps} {
 		info, err := m.Info()
 		if err != nil {
 			t.Fatal(err)
@@ -56,22 +48,9 @@ func TestCloseLeavesNothing(t *testing.T) {
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
-	// The kernel frees programs and maps once the last reference is gone;
-	// that can take an RCU grace period.
+	testutil.ProgramsGone(t, progs)
+	// Maps go when the programs that use them are freed.
 	deadline := time.Now().Add(5 * time.Second)
-	for _, id := range progs {
-		for {
-			p, err := ebpf.NewProgramFromID(id)
-			if err != nil {
-				break
-			}
-			p.Close()
-			if time.Now().After(deadline) {
-				t.Fatalf("program %d still loaded after Close", id)
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
 	for _, id := range maps {
 		for {
 			m, err := ebpf.NewMapFromID(id)
@@ -87,6 +66,20 @@ func TestCloseLeavesNothing(t *testing.T) {
 	}
 }
 
+func programIDs(t testing.TB, a *attachment) []ebpf.ProgramID {
+	t.Helper()
+	var ids []ebpf.ProgramID
+	for _, p := range programs(a) {
+		info, err := p.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := info.ID()
+		ids = append(ids, id)
+	}
+	return ids
+}
+
 // BenchmarkKernelCost measures what each program costs per hit in the
 // kernel (BPF_ENABLE_STATS: run time and run count), driven by loopback
 // connections that each move a little data. b.N is the number of
@@ -94,11 +87,8 @@ func TestCloseLeavesNothing(t *testing.T) {
 func BenchmarkKernelCost(b *testing.B) {
 	a := attachForTest(b, probes.Scope{Kind: probes.ScopeProcess, PID: uint32(unix.Getpid())})
 	defer a.Close()
-	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
-	if err != nil {
-		testutil.Unavailable(b, "BPF_ENABLE_STATS: %v", err)
-	}
-	defer stats.Close()
+	testutil.EnableRunStats(b)
+	ids := programIDs(b, a)
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
@@ -114,7 +104,7 @@ func BenchmarkKernelCost(b *testing.B) {
 			c.Close()
 		}
 	}()
-	before := progStats(b, a)
+	before := testutil.RunStats(b, ids)
 	for b.Loop() {
 		c, err := net.Dial("tcp4", ln.Addr().String())
 		if err != nil {
@@ -125,10 +115,10 @@ func BenchmarkKernelCost(b *testing.B) {
 	}
 	b.StopTimer()
 	time.Sleep(50 * time.Millisecond) // let the last closes run
-	after := progStats(b, a)
+	after := testutil.RunStats(b, ids)
 	var runs, ns uint64
 	for name, s := range after {
-		r, t := s[0]-before[name][0], s[1]-before[name][1]
+		r, t := s.RunCount-before[name].RunCount, uint64(s.Runtime-before[name].Runtime)
 		runs += r
 		ns += t
 		if r > 0 {
@@ -137,20 +127,4 @@ func BenchmarkKernelCost(b *testing.B) {
 	}
 	b.ReportMetric(float64(runs)/float64(b.N), "hits/conn")
 	b.ReportMetric(float64(ns)/float64(b.N), "kernel-ns/conn")
-}
-
-func progStats(b *testing.B, a *attachment) map[string][2]uint64 {
-	out := map[string][2]uint64{}
-	for _, p := range programs(a) {
-		info, err := p.Info()
-		if err != nil {
-			b.Fatal(err)
-		}
-		st, err := p.Stats()
-		if err != nil {
-			b.Fatal(err)
-		}
-		out[info.Name] = [2]uint64{st.RunCount, uint64(st.Runtime)}
-	}
-	return out
 }
