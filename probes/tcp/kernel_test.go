@@ -83,9 +83,17 @@ func programIDs(t testing.TB, a *attachment) []ebpf.ProgramID {
 // BenchmarkKernelCost measures what each program costs per hit in the
 // kernel (BPF_ENABLE_STATS: run time and run count), driven by loopback
 // connections that each move a little data. b.N is the number of
-// connections.
+// connections. "observed": the connections are in the session's scope (two
+// flows per connection, each opened, snapshotted and reported); "other":
+// they belong to a process outside the scope, the cost every other
+// process's connection pays for the filter.
 func BenchmarkKernelCost(b *testing.B) {
-	a := attachForTest(b, probes.Scope{Kind: probes.ScopeProcess, PID: uint32(unix.Getpid())})
+	b.Run("observed", func(b *testing.B) { kernelCost(b, uint32(unix.Getpid())) })
+	b.Run("other", func(b *testing.B) { kernelCost(b, 1) })
+}
+
+func kernelCost(b *testing.B, pid uint32) {
+	a := attachForTest(b, probes.Scope{Kind: probes.ScopeProcess, PID: pid})
 	defer a.Close()
 	testutil.EnableRunStats(b)
 	ids := programIDs(b, a)
