@@ -3,7 +3,6 @@ package tcp
 import (
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"sync"
@@ -11,10 +10,10 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/flowmill/flowmill/internal/kclock"
+	"github.com/flowmill/flowmill/internal/sockdiag"
 	"github.com/flowmill/flowmill/probes"
 )
 
@@ -123,34 +122,35 @@ func (p *poller) report() {
 	if n == 0 {
 		return
 	}
-	var infos []*netlink.InetDiagTCPInfoResp
-	for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		r, err := netlink.SocketDiagTCPInfo(fam)
-		if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return // transient; the next tick tries again
+	type reading struct {
+		k     tuple
+		state uint8
+		info  unix.TCPInfo
+	}
+	var got []reading // read without the lock: a dump can take a while
+	if err := sockdiag.Dump(func(s *sockdiag.Socket) {
+		if s.Info != nil {
+			got = append(got, reading{tuple{s.Local, s.Remote}, s.State, *s.Info})
 		}
-		infos = append(infos, r...)
+	}); err != nil {
+		return // transient; the next tick tries again
 	}
 	now, mono := time.Now(), kclock.Now()
 
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	seen := make(map[tuple]bool, len(p.flows))
-	for _, r := range infos {
-		if r.TCPInfo == nil || r.InetDiagMsg == nil {
-			continue
-		}
-		id := r.InetDiagMsg.ID
-		k := tuple{diagAddr(id.Source, id.SourcePort), diagAddr(id.Destination, id.DestinationPort)}
-		f, ok := p.flows[k]
+	for i := range got {
+		r := &got[i]
+		f, ok := p.flows[r.k]
 		if !ok {
 			continue
 		}
-		seen[k] = true
+		seen[r.k] = true
 		ev := ConnStats{
 			Time:     now,
 			Conn:     f.conn,
-			Stats:    infoStats(r.TCPInfo, r.InetDiagMsg.State, &f),
+			Stats:    infoStats(&r.info, r.state, &f),
 			Duration: time.Duration(mono - f.startNS),
 		}
 		p.topic.Publish(&ev)
@@ -164,28 +164,15 @@ func (p *poller) report() {
 	}
 }
 
-func diagAddr(ip net.IP, port uint16) netip.AddrPort {
-	a, _ := netip.AddrFromSlice(ip)
-	return netip.AddrPortFrom(a.Unmap(), port)
-}
-
-// TCP states as sock_diag reports them.
-const (
-	stateFinWait2  = 5
-	stateCloseWait = 8
-	stateLastAck   = 9
-	stateClosing   = 11
-)
-
 // infoStats converts tcp_info into Stats counted like the kernel side does:
 // from the values at establishment, without the FINs.
-func infoStats(ti *netlink.TCPInfo, state uint8, f *openFlow) Stats {
+func infoStats(ti *unix.TCPInfo, state uint8, f *openFlow) Stats {
 	sent := ti.Bytes_acked - f.baseAcked
-	if state == stateFinWait2 && sent > 0 { // our FIN was acknowledged
+	if state == sockdiag.StateFinWait2 && sent > 0 { // our FIN was acknowledged
 		sent--
 	}
 	recv := ti.Bytes_received - f.baseReceived
-	if (state == stateCloseWait || state == stateLastAck || state == stateClosing) && recv > 0 {
+	if (state == sockdiag.StateCloseWait || state == sockdiag.StateLastAck || state == sockdiag.StateClosing) && recv > 0 {
 		recv-- // the peer's FIN was received
 	}
 	return Stats{
