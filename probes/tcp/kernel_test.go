@@ -3,6 +3,8 @@ package tcp
 import (
 	"io"
 	"net"
+	"net/netip"
+	"strconv"
 	"testing"
 	"time"
 
@@ -16,6 +18,11 @@ import (
 )
 
 func attachForTest(t testing.TB, scope probes.Scope) *attachment {
+	a, _ := attachWithBus(t, scope)
+	return a
+}
+
+func attachWithBus(t testing.TB, scope probes.Scope) (*attachment, *probes.Bus) {
 	t.Helper()
 	testutil.RequireBPF(t)
 	testutil.CheckStart(t, bpfload.Check())
@@ -23,7 +30,57 @@ func attachForTest(t testing.TB, scope probes.Scope) *attachment {
 	env := &probes.Env{Scope: scope, Bus: probes.NewBus(), RingSize: 1 << 20, WakeupBytes: 64 << 10, BootTime: clock.Time}
 	att, err := New(WithStatsInterval(0)).Attach(env)
 	testutil.CheckStart(t, err)
-	return att.(*attachment)
+	return att.(*attachment), env.Bus
+}
+
+// The probe offers other families a connection's current counters, and
+// they are the socket's own.
+func TestTCPConnsService(t *testing.T) {
+	a, bus := attachWithBus(t, probes.Scope{Kind: probes.ScopeProcess, PID: uint32(unix.Getpid())})
+	defer a.Close()
+	svc, ok := probes.Lookup[probes.TCPConns](bus)
+	if !ok {
+		t.Fatal("the TCP probe provides no probes.TCPConns")
+	}
+	ln, err := net.Listen("tcp", ":0") // dual stack: the accepted side is IPv6, v4-mapped
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			io.Copy(io.Discard, c)
+			c.Close()
+		}
+	}()
+	c, err := net.Dial("tcp4", "127.0.0.1:"+strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(make([]byte, 100000))
+	time.Sleep(50 * time.Millisecond)
+	local, remote := c.LocalAddr().(*net.TCPAddr).AddrPort(), c.RemoteAddr().(*net.TCPAddr).AddrPort()
+	mine, ok := svc.TCPConn(local, remote)
+	if !ok {
+		t.Fatalf("client side %v -> %v not found", local, remote)
+	}
+	if _, ok := svc.TCPConn(remote, local); !ok {
+		t.Fatalf("server side %v -> %v not found", remote, local)
+	}
+	raw, _ := c.(*net.TCPConn).SyscallConn()
+	var info *unix.TCPInfo
+	raw.Control(func(fd uintptr) { info, err = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mine.SegmentsOut != info.Segs_out || mine.SRTT != time.Duration(info.Rtt)*time.Microsecond {
+		t.Errorf("service says %+v; getsockopt says segs_out %d rtt %dus", mine, info.Segs_out, info.Rtt)
+	}
+	if _, ok := svc.TCPConn(local, netip.AddrPortFrom(remote.Addr(), 1)); ok {
+		t.Error("found a connection that does not exist")
+	}
 }
 
 func programs(a *attachment) []*ebpf.Program {

@@ -13,6 +13,7 @@ package tcp
 
 import (
 	"fmt"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/flowmill/flowmill/internal/bpfload"
+	"github.com/flowmill/flowmill/internal/sockdiag"
 	"github.com/flowmill/flowmill/probes"
 )
 
@@ -112,6 +114,7 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 		a.objs.Close()
 		return nil, fmt.Errorf("tcp: %w", err)
 	}
+	probes.Provide[probes.TCPConns](env.Bus, conns{})
 	if p.interval > 0 {
 		if a.poller, err = newPoller(p.interval, a.stats); err != nil {
 			a.Close()
@@ -119,6 +122,25 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 		}
 	}
 	return a, nil
+}
+
+// conns reads connections' counters from the kernel's tcp_info, for other
+// families (probes.TCPConns).
+type conns struct{}
+
+func (conns) TCPConn(local, remote netip.AddrPort) (probes.TCPConnInfo, bool) {
+	s, err := sockdiag.Get(local, remote)
+	if err != nil {
+		return probes.TCPConnInfo{}, false
+	}
+	return probes.TCPConnInfo{
+		SRTT:        usec(s.Info.Rtt),
+		RTTVar:      usec(s.Info.Rttvar),
+		MinRTT:      usec(s.Info.Min_rtt),
+		Retransmits: s.Info.Total_retrans,
+		SegmentsOut: s.Info.Segs_out,
+		SegmentsIn:  s.Info.Segs_in,
+	}, true
 }
 
 type attachment struct {
