@@ -1,6 +1,8 @@
 package http
 
 import (
+	"encoding/json"
+	"fmt"
 	"net/netip"
 	"strings"
 	"time"
@@ -137,4 +139,44 @@ func routeOf(pattern string) string {
 		pattern = pattern[i:]
 	}
 	return pattern
+}
+
+type spanJSON struct {
+	TraceID      string `json:"trace_id"`
+	SpanID       string `json:"span_id"`
+	ParentSpanID string `json:"parent_span_id,omitempty"`
+	RemoteParent bool   `json:"remote_parent,omitempty"`
+	Sampled      bool   `json:"sampled,omitempty"`
+}
+
+// MarshalJSON writes the IDs in hex, as in traceparent; a root span has no
+// parent_span_id.
+func (s SpanContext) MarshalJSON() ([]byte, error) {
+	j := spanJSON{TraceID: s.TraceID.String(), SpanID: s.SpanID.String(), RemoteParent: s.RemoteParent, Sampled: s.Sampled}
+	if s.ParentSpanID.IsValid() {
+		j.ParentSpanID = s.ParentSpanID.String()
+	}
+	return json.Marshal(j)
+}
+
+// UnmarshalJSON reads what MarshalJSON writes.
+func (s *SpanContext) UnmarshalJSON(b []byte) error {
+	var j spanJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return err
+	}
+	var err error
+	*s = SpanContext{RemoteParent: j.RemoteParent, Sampled: j.Sampled}
+	if s.TraceID, err = trace.TraceIDFromHex(j.TraceID); err != nil {
+		return fmt.Errorf("span context: trace_id: %w", err)
+	}
+	if s.SpanID, err = trace.SpanIDFromHex(j.SpanID); err != nil {
+		return fmt.Errorf("span context: span_id: %w", err)
+	}
+	if j.ParentSpanID != "" {
+		if s.ParentSpanID, err = trace.SpanIDFromHex(j.ParentSpanID); err != nil {
+			return fmt.Errorf("span context: parent_span_id: %w", err)
+		}
+	}
+	return nil
 }
