@@ -33,6 +33,7 @@
 #define HDR_SCAN 4096       /* request header bytes searched for traceparent */
 #define HDR_BUF (2 * HDR_SCAN)
 #define CTX_DEPTH 8         /* context.Context parents followed */
+#define OBJ_MAX 512         /* bytes of a Go struct copied at once */
 
 enum http_kind {
 	HTTP_SERVER = 1,
@@ -73,7 +74,10 @@ struct http_offsets {
 	__u64 response_status;     /* http.Response.StatusCode (int) */
 	__u64 response_length;     /* http.Response.ContentLength (int64) */
 	__u64 resp_itab;           /* itab of (*http.response, http.ResponseWriter) */
-	__u64 goid;                /* runtime.g.goid; ~0: key by g's address */
+	__u64 goid;                /* runtime.g.goid; ~0: none known */
+	__u64 req_size;            /* bytes of http.Request read at once (<= OBJ_MAX) */
+	__u64 url_size;            /* bytes of url.URL read at once (<= OBJ_MAX) */
+	__u64 resp_lo;             /* first byte of http.response read at return */
 	__u64 ctx_walk;            /* 1: every std Context keeps its parent first */
 };
 
@@ -149,6 +153,8 @@ struct {
 /* Scratch space: these values are too large for the BPF stack. */
 struct scratch {
 	struct server_state s;
+	char req[OBJ_MAX + 16];
+	char url[OBJ_MAX + 16];
 	char hdr[HDR_BUF];
 };
 
@@ -176,6 +182,43 @@ static __always_inline __u64 read_u64(__u64 addr)
 	return v;
 }
 
+/*
+ * Every bpf_probe_read_user costs a few hundred nanoseconds on a VM, more
+ * than anything else here: structs are copied once (obj_read) and their
+ * fields taken from the copy (obj_u64, obj_str).
+ */
+static __always_inline int obj_read(char *dst, __u64 size, __u64 addr)
+{
+	if (size > OBJ_MAX)
+		size = OBJ_MAX;
+	return bpf_probe_read_user(dst, size, (const void *)addr);
+}
+
+static __always_inline __u64 obj_u64(const char *obj, __u64 o)
+{
+	__u64 v;
+
+	__builtin_memcpy(&v, obj + (o & (OBJ_MAX - 1)), sizeof(v));
+	return v;
+}
+
+/* obj_str copies at most cap bytes of the Go string at offset o of obj. */
+static __always_inline __u32 obj_str(char *dst, __u32 cap, const char *obj, __u64 o)
+{
+	__u64 p = obj_u64(obj, o);
+	__s64 len = obj_u64(obj, o + 8);
+	__u64 n;
+
+	if (!p || len <= 0)
+		return 0;
+	n = len;
+	if (n > cap)
+		n = cap;
+	if (bpf_probe_read_user(dst, n, (const void *)p))
+		return 0;
+	return n;
+}
+
 /* read_gostr copies at most cap bytes of the Go string at addr. */
 static __always_inline __u32 read_gostr(char *dst, __u32 cap, __u64 addr)
 {
@@ -192,10 +235,21 @@ static __always_inline __u32 read_gostr(char *dst, __u32 cap, __u64 addr)
 	return n;
 }
 
-static __always_inline __u64 goroutine(struct pt_regs *ctx)
+/* State between entry and return is keyed by the goroutine's g (R14): no
+ * read needed. A g is reused after its goroutine exits, but an entry can
+ * only be consumed by a return on the goroutine that made it, as a return
+ * always follows its own entry on the same goroutine, which overwrites any
+ * entry left by a dead goroutine (one whose handler panicked). */
+static __always_inline __u64 gkey(struct pt_regs *ctx)
+{
+	return ctx->r14;
+}
+
+/* goid reads the goroutine ID, which, unlike g, is never reused. */
+static __always_inline __u64 goid(struct pt_regs *ctx)
 {
 	if (off.goid == ~0ULL)
-		return ctx->r14;
+		return 0;
 	return read_u64(ctx->r14 + off.goid);
 }
 
@@ -227,29 +281,45 @@ static __always_inline char at(const char *buf, __u32 i)
 	return buf[i & (HDR_BUF - 1)];
 }
 
-static long scan_line(__u32 i, void *data)
+static __always_inline void scan_at(struct scan *c, __u32 i)
 {
-	struct scan *c = data;
 	const char *b = c->buf;
 	const char name[] = "traceparent:";
 
-	if (at(b, i) != '\n')
-		return 0;
+	if (i >= c->n || at(b, i) != '\n')
+		return;
 	/* A blank line before the end closes an earlier request's header
 	 * (pipelining): what was found belongs to that request. */
 	if ((at(b, i + 1) == '\n' && i + 2 < c->n) ||
 	    (at(b, i + 1) == '\r' && at(b, i + 2) == '\n' && i + 3 < c->n)) {
 		c->found = -1;
-		return 0;
+		return;
 	}
 	if (i + 1 + sizeof(name) - 1 + TP_LEN > c->n)
-		return 0;
+		return;
 #pragma unroll
 	for (int k = 0; k < sizeof(name) - 1; k++) {
 		if ((at(b, i + 1 + k) | 0x20) != name[k])
-			return 0;
+			return;
 	}
 	c->found = i + sizeof(name);
+}
+
+/* scan_word looks at 8 bytes at once and only looks closer at words that
+ * hold a newline (the classic "has zero byte" test on word ^ '\n'x8). */
+static long scan_word(__u32 w, void *data)
+{
+	struct scan *c = data;
+	__u32 i = w * 8;
+	__u64 x;
+
+	__builtin_memcpy(&x, c->buf + (i & (HDR_BUF - 1)), 8);
+	x ^= 0x0a0a0a0a0a0a0a0aULL;
+	if (!((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL))
+		return 0;
+#pragma unroll
+	for (int k = 0; k < 8; k++)
+		scan_at(c, i + k);
 	return 0;
 }
 
@@ -324,10 +394,10 @@ static __always_inline int incoming_parent(struct scratch *sc, __u64 resp,
 	if (!conn)
 		return -1;
 	bufr = read_u64(conn + off.conn_bufr);
-	if (!bufr)
+	if (!bufr || obj_read(sc->url, 64, bufr))
 		return -1;
-	buf = read_u64(bufr + off.bufio_buf);
-	n = read_u64(bufr + off.bufio_r);
+	buf = obj_u64(sc->url, off.bufio_buf);
+	n = obj_u64(sc->url, off.bufio_r);
 	if (!buf || (__s64)n <= 0)
 		return -1;
 	if (n > HDR_SCAN)
@@ -337,7 +407,7 @@ static __always_inline int incoming_parent(struct scratch *sc, __u64 resp,
 	c.buf = sc->hdr;
 	c.n = n;
 	c.found = -1;
-	bpf_loop(n, scan_line, &c, 0);
+	bpf_loop((n + 7) / 8, scan_word, &c, 0);
 	if (c.found < 0)
 		return -1;
 	__u32 v = c.found;
@@ -373,15 +443,17 @@ int server_enter(struct pt_regs *ctx)
 		return 0;
 	s = &sc->s;
 	e = &s->ev;
-	key = goroutine(ctx);
+	key = gkey(ctx);
 	req = ctx->di;
+	if (obj_read(sc->req, off.req_size, req))
+		return 0;
 	s->req = req;
 	s->resp = ctx->cx;
-	s->ctx = read_u64(req + off.req_ctx + 8);
+	s->ctx = obj_u64(sc->req, off.req_ctx + 8);
 
 	e->start_ns = bpf_ktime_get_ns();
 	e->end_ns = 0;
-	e->goid = key;
+	e->goid = goid(ctx);
 	id = bpf_get_current_pid_tgid();
 	e->pid = id >> 32;
 	e->tid = (__u32)id;
@@ -391,12 +463,14 @@ int server_enter(struct pt_regs *ctx)
 	e->err_itab = 0;
 	e->resp_length = 0;
 	e->route_len = 0;
-	e->req_length = read_u64(req + off.req_content_length);
-	e->method_len = read_gostr(e->method, METHOD_MAX, req + off.req_method);
-	e->host_len = read_gostr(e->host, HOST_MAX, req + off.req_host);
-	e->peer_len = read_gostr(e->peer, PEER_MAX, req + off.req_remote_addr);
-	url = read_u64(req + off.req_url);
-	e->path_len = url ? read_gostr(e->path, PATH_MAX_, url + off.url_path) : 0;
+	e->req_length = obj_u64(sc->req, off.req_content_length);
+	e->method_len = obj_str(e->method, METHOD_MAX, sc->req, off.req_method);
+	e->host_len = obj_str(e->host, HOST_MAX, sc->req, off.req_host);
+	e->peer_len = obj_str(e->peer, PEER_MAX, sc->req, off.req_remote_addr);
+	url = obj_u64(sc->req, off.req_url);
+	e->path_len = 0;
+	if (url && !obj_read(sc->url, off.url_size, url))
+		e->path_len = obj_str(e->path, PATH_MAX_, sc->url, off.url_path);
 	e->span_id = rand64();
 	e->parent_span_id = 0;
 	if (incoming_parent(sc, s->resp, e) < 0) {
@@ -417,10 +491,11 @@ int server_enter(struct pt_regs *ctx)
 SEC("uprobe")
 int server_return(struct pt_regs *ctx)
 {
-	__u64 key = goroutine(ctx);
+	__u64 key = gkey(ctx);
 	struct server_state *s = bpf_map_lookup_elem(&servers, &key);
 	struct http_event *e;
 	__u64 rctx, conn;
+	char r[64];
 
 	if (!s)
 		return 0;
@@ -429,12 +504,27 @@ int server_return(struct pt_regs *ctx)
 	if (e) {
 		*e = s->ev;
 		e->end_ns = bpf_ktime_get_ns();
-		e->status = read_u64(s->resp + off.resp_status);
-		e->resp_length = read_u64(s->resp + off.resp_written);
+		/* status and written are near each other: one read. */
+		if (!bpf_probe_read_user(r, sizeof(r), (const void *)(s->resp + off.resp_lo))) {
+			__u64 so = (off.resp_status - off.resp_lo) & 63;
+			__u64 wo = (off.resp_written - off.resp_lo) & 63;
+			__u64 v;
+
+			if (so <= 56) {
+				__builtin_memcpy(&v, r + so, 8);
+				e->status = v;
+			}
+			if (wo <= 56) {
+				__builtin_memcpy(&v, r + wo, 8);
+				e->resp_length = v;
+			}
+		}
 		e->route_len = read_gostr(e->route, ROUTE_MAX, s->req + off.req_pattern);
-		conn = read_u64(s->resp + off.resp_conn);
-		if (conn && (read_u64(conn + off.conn_hijacked) & 0xff))
-			e->flags |= HTTP_F_HIJACKED;
+		if (!e->status) {
+			conn = read_u64(s->resp + off.resp_conn);
+			if (conn && (read_u64(conn + off.conn_hijacked) & 0xff))
+				e->flags |= HTTP_F_HIJACKED;
+		}
 		fm_submit(e, sizeof(*e));
 	}
 	bpf_map_delete_elem(&servers, &key);
@@ -457,13 +547,15 @@ int client_enter(struct pt_regs *ctx)
 	if (!sc)
 		return 0;
 	e = &sc->s.ev;
-	key = goroutine(ctx);
+	key = gkey(ctx);
 	/* roundTrip(t *Transport, req *Request): RAX = t, RBX = req. */
 	req = ctx->bx;
+	if (obj_read(sc->req, off.req_size, req))
+		return 0;
 
 	e->start_ns = bpf_ktime_get_ns();
 	e->end_ns = 0;
-	e->goid = key;
+	e->goid = goid(ctx);
 	id = bpf_get_current_pid_tgid();
 	e->pid = id >> 32;
 	e->tid = (__u32)id;
@@ -474,11 +566,15 @@ int client_enter(struct pt_regs *ctx)
 	e->resp_length = 0;
 	e->peer_len = 0;
 	e->route_len = 0;
-	e->req_length = read_u64(req + off.req_content_length);
-	e->method_len = read_gostr(e->method, METHOD_MAX, req + off.req_method);
-	url = read_u64(req + off.req_url);
-	e->host_len = url ? read_gostr(e->host, HOST_MAX, url + off.url_host) : 0;
-	e->path_len = url ? read_gostr(e->path, PATH_MAX_, url + off.url_path) : 0;
+	e->req_length = obj_u64(sc->req, off.req_content_length);
+	e->method_len = obj_str(e->method, METHOD_MAX, sc->req, off.req_method);
+	url = obj_u64(sc->req, off.req_url);
+	e->host_len = 0;
+	e->path_len = 0;
+	if (url && !obj_read(sc->url, off.url_size, url)) {
+		e->host_len = obj_str(e->host, HOST_MAX, sc->url, off.url_host);
+		e->path_len = obj_str(e->path, PATH_MAX_, sc->url, off.url_path);
+	}
 	e->span_id = rand64();
 	e->parent_span_id = 0;
 
@@ -486,7 +582,7 @@ int client_enter(struct pt_regs *ctx)
 	 * context is, or derives from (any goroutine); else the request the
 	 * calling goroutine is serving. */
 	if (off.ctx_walk) {
-		__u64 c = read_u64(req + off.req_ctx + 8);
+		__u64 c = obj_u64(sc->req, off.req_ctx + 8);
 
 		for (int i = 0; i < CTX_DEPTH && c; i++) {
 			p = bpf_map_lookup_elem(&server_ctxs, &c);
@@ -504,7 +600,9 @@ int client_enter(struct pt_regs *ctx)
 	if (!p) {
 		struct server_state *s = bpf_map_lookup_elem(&servers, &key);
 
-		if (s) {
+		/* The same g, and the same goroutine (g is reused; without a
+		 * goroutine ID, 0 == 0 and the g alone decides). */
+		if (s && s->ev.goid == e->goid) {
 			e->flags |= HTTP_F_PARENT_G;
 			__builtin_memcpy(e->trace_id, s->ev.trace_id, 16);
 			e->parent_span_id = s->ev.span_id;
@@ -519,7 +617,7 @@ int client_enter(struct pt_regs *ctx)
 SEC("uprobe")
 int client_return(struct pt_regs *ctx)
 {
-	__u64 key = goroutine(ctx);
+	__u64 key = gkey(ctx);
 	struct http_event *s = bpf_map_lookup_elem(&clients, &key);
 	struct http_event *e;
 	__u64 resp;

@@ -59,8 +59,8 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 	}
 	goidOff, err := goexe.GoroutineIDOffset()
 	if err != nil {
-		// Fall back to the goroutine's g address: still per goroutine,
-		// but a g is reused after its goroutine exits.
+		// Without it, events carry no goroutine ID and a client is
+		// not parented by goroutine (by context still).
 		goidOff = ^uint64(0)
 	}
 	targets, status, err := findTargets("/proc/self/exe")
@@ -88,6 +88,7 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 		BufioBuf: lay.bufioBuf, BufioR: lay.bufioR,
 		ResponseStatus: lay.responseStatus, ResponseLength: lay.responseLength,
 		RespItab: lay.respItab, Goid: goidOff,
+		ReqSize: lay.reqSize, UrlSize: lay.urlSize, RespLo: lay.respLo,
 	}
 	if lay.ctxWalk {
 		off.CtxWalk = 1

@@ -30,6 +30,8 @@ type layout struct {
 	bufioBuf, bufioR                          uint64
 	responseStatus, responseLength            uint64
 	respItab                                  uint64 // runtime address
+	reqSize, urlSize                          uint64 // bytes copied at once
+	respLo                                    uint64 // first byte of response read at return
 	ctxWalk                                   bool
 }
 
@@ -106,8 +108,30 @@ func computeLayout() (layout, error) {
 		return l, fmt.Errorf("http.conn.bufr is a %v, not a *bufio.Reader (%w)", bt, errLayout)
 	}
 	l.ctxWalk = contextParentsFirst()
+	// The kernel side copies a struct once and takes the fields from the
+	// copy; it copies at most objMax bytes.
+	l.reqSize = uint64(reflect.TypeFor[http.Request]().Size())
+	l.urlSize = uint64(reflect.TypeFor[url.URL]().Size())
+	for _, o := range []uint64{l.reqMethod, l.reqURL, l.reqHost, l.reqRemoteAddr, l.reqContentLength, l.reqCtx} {
+		if o+16 > min(l.reqSize, objMax) {
+			return l, fmt.Errorf("http.Request field at %d is beyond the %d bytes copied (%w)", o, objMax, errLayout)
+		}
+	}
+	if l.urlHost+16 > min(l.urlSize, objMax) || l.urlPath+16 > min(l.urlSize, objMax) {
+		return l, fmt.Errorf("url.URL is larger than the %d bytes copied (%w)", objMax, errLayout)
+	}
+	if l.bufioBuf+24 > 64 || l.bufioR+8 > 64 {
+		return l, fmt.Errorf("bufio.Reader's buf and r are beyond its first 64 bytes (%w)", errLayout)
+	}
+	l.respLo = min(l.respStatus, l.respWritten)
+	if max(l.respStatus, l.respWritten)-l.respLo > 56 {
+		return l, fmt.Errorf("http.response's status and written are too far apart (%w)", errLayout)
+	}
 	return l, nil
 }
+
+// objMax is OBJ_MAX in bpf/http.c.
+const objMax = 512
 
 var errLayout = errors.New("net/http changed: please report it with your Go version")
 

@@ -47,7 +47,7 @@ var (
 
 // build compiles testdata/server with the given -ldflags, once per test
 // binary.
-func build(t *testing.T, ldflags string) string {
+func build(t testing.TB, ldflags string) string {
 	t.Helper()
 	buildMu.Lock()
 	defer buildMu.Unlock()
@@ -76,11 +76,11 @@ func TestMain(m *testing.M) {
 }
 
 // start runs the test server built with ldflags and waits until it serves.
-func start(t *testing.T, ldflags string) *child {
+func start(t testing.TB, ldflags string, args ...string) *child {
 	t.Helper()
 	testutil.RequireBPF(t)
 	bin := build(t, ldflags)
-	cmd := exec.Command(bin)
+	cmd := exec.Command(bin, args...)
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {

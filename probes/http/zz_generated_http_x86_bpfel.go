@@ -65,12 +65,17 @@ type httpBPFHttpOffsets struct {
 	ResponseLength   uint64
 	RespItab         uint64
 	Goid             uint64
+	ReqSize          uint64
+	UrlSize          uint64
+	RespLo           uint64
 	CtxWalk          uint64
 }
 
 type httpBPFScratch struct {
 	_   structs.HostLayout
 	S   httpBPFServerState
+	Req [528]int8
+	Url [528]int8
 	Hdr [8192]int8
 }
 

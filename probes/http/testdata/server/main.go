@@ -18,6 +18,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
 	"github.com/flowmill/flowmill"
 	fmhttp "github.com/flowmill/flowmill/probes/http"
 )
@@ -31,7 +34,8 @@ type line struct {
 }
 
 func main() {
-	probe := flag.Bool("probe", true, "start flowmill with the HTTP probe")
+	mode := flag.String("mode", "probe", "probe: flowmill with the HTTP probe; empty: empty uprobes where the probe attaches (the benchmark's baseline); none: no uprobes")
+	quiet := flag.Bool("quiet", false, "consume spans without writing them (benchmarks)")
 	flag.Parse()
 	var mu sync.Mutex
 	enc := json.NewEncoder(os.Stdout)
@@ -110,7 +114,40 @@ func main() {
 	})
 	mux.HandleFunc("GET /empty", func(w http.ResponseWriter, r *http.Request) {})
 
-	if *probe {
+	var counted []*ebpf.Program
+	mux.HandleFunc("GET /__stats", func(w http.ResponseWriter, r *http.Request) {
+		var hits, ns uint64
+		for _, p := range counted {
+			if st, err := p.Stats(); err == nil {
+				hits += st.RunCount
+				ns += uint64(st.Runtime)
+			}
+		}
+		fmt.Fprintf(w, "%d %d\n", hits, ns)
+	})
+	switch *mode {
+	case "empty":
+		stats, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
+		if err != nil {
+			emit(line{Error: err.Error()})
+			os.Exit(2)
+		}
+		defer stats.Close()
+		prog, closeAll, err := emptyUprobes()
+		if err != nil {
+			emit(line{Error: err.Error()})
+			os.Exit(2)
+		}
+		defer closeAll()
+		counted = append(counted, prog)
+	case "none":
+	case "probe":
+		stats, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
+		if err != nil {
+			emit(line{Error: err.Error()})
+			os.Exit(2)
+		}
+		defer stats.Close()
 		p := fmhttp.New()
 		sess, err := flowmill.Start(ctx, flowmill.WithProbes(p), flowmill.WithMaxLatency(10*time.Millisecond))
 		if err != nil {
@@ -118,6 +155,7 @@ func main() {
 			os.Exit(2)
 		}
 		defer sess.Close()
+		counted = append(counted, probePrograms()...)
 		st := p.Status()
 		emit(line{Status: &st})
 		srv, err := flowmill.Subscribe[fmhttp.ServerRequest](sess, flowmill.WithBuffer(1<<16))
@@ -132,14 +170,23 @@ func main() {
 		}
 		go func() {
 			for r := range srv.Events() {
+				if *quiet {
+					continue
+				}
 				emit(line{Server: &r})
 			}
 		}()
 		go func() {
 			for r := range cli.Events() {
+				if *quiet {
+					continue
+				}
 				emit(line{Client: &r})
 			}
 		}()
+	default:
+		emit(line{Error: "unknown -mode " + *mode})
+		os.Exit(2)
 	}
 	hs := &http.Server{Handler: mux}
 	go hs.Serve(ln)
