@@ -142,56 +142,117 @@ __u64 next_flow_id = 0;
 /* Keep the event type in the object's BTF for bpf2go -type. */
 const struct tcp_event *unused_tcp_event __attribute__((unused));
 
+/* A socket snapshot copies the parts of a tcp_sock we use into a per-CPU
+ * buffer with two bpf_probe_read_kernel() calls: sock_common, and the span of
+ * tcp_sock from the first to the last counter we read. Each probe read costs
+ * tens of nanoseconds, so reading some twenty fields one by one costs more;
+ * copying the whole 2 KiB tcp_sock costs more too. Offsets are CO-RE
+ * relocated, so they are constants once loaded and the verifier checks every
+ * access against the buffer's size. tcp_sock starts with sock, which starts
+ * with sock_common, so the buffer mirrors the socket's layout. */
+#define SNAP_SIZE 4096
+
+struct snap {
+	__u8 b[SNAP_SIZE];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct snap);
+} snaps SEC(".maps");
+
+#define OFF(type, field) ((__u32)bpf_core_field_offset(type, field))
+#define END(type, field) (OFF(type, field) + (__u32)bpf_core_field_size(type, field))
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#define SNAP(buf, type, field) \
+	(*(typeof(((type *)0)->field) *)((buf) + bpf_core_field_offset(type, field)))
+
+static __always_inline const __u8 *snapshot(const struct sock *sk)
+{
+	__u32 zero = 0;
+	__u8 *buf = bpf_map_lookup_elem(&snaps, &zero);
+	__u32 common = bpf_core_type_size(struct sock_common);
+	__u32 lo = MIN(MIN(MIN(OFF(struct tcp_sock, rtt_min), OFF(struct tcp_sock, segs_out)),
+			   MIN(OFF(struct tcp_sock, write_seq), OFF(struct tcp_sock, mdev_us))),
+		       MIN(MIN(OFF(struct tcp_sock, snd_una), OFF(struct tcp_sock, srtt_us)),
+			   MIN(MIN(OFF(struct tcp_sock, bytes_received), OFF(struct tcp_sock, segs_in)),
+			       MIN(OFF(struct tcp_sock, bytes_acked), OFF(struct tcp_sock, total_retrans)))));
+	__u32 hi = MAX(MAX(MAX(END(struct tcp_sock, rtt_min), END(struct tcp_sock, segs_out)),
+			   MAX(END(struct tcp_sock, write_seq), END(struct tcp_sock, mdev_us))),
+		       MAX(MAX(END(struct tcp_sock, snd_una), END(struct tcp_sock, srtt_us)),
+			   MAX(MAX(END(struct tcp_sock, bytes_received), END(struct tcp_sock, segs_in)),
+			       MAX(END(struct tcp_sock, bytes_acked), END(struct tcp_sock, total_retrans)))));
+
+	if (!buf || common > SNAP_SIZE || lo >= hi || hi > SNAP_SIZE)
+		return 0;
+	if (bpf_probe_read_kernel(buf, common, sk) ||
+	    bpf_probe_read_kernel(buf + lo, hi - lo, (const __u8 *)sk + lo))
+		return 0;
+	return buf;
+}
+
 static __always_inline __u32 sk_netns(const struct sock *sk)
 {
 	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 }
 
-static __always_inline void read_counts(const struct sock *sk, struct flow *f,
+static __always_inline bool is_inet_tcp(const struct sock *sk)
+{
+	__u16 family;
+
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return false;
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	return family == AF_INET || family == AF_INET6;
+}
+
+static __always_inline void read_counts(const __u8 *b, struct flow *f,
 					struct tcp_counts *c)
 {
-	const struct tcp_sock *tp = (const void *)sk;
-	__u64 acked = BPF_CORE_READ(tp, bytes_acked);
-	__u64 received = BPF_CORE_READ(tp, bytes_received);
-	unsigned long flags = BPF_CORE_READ(sk, __sk_common.skc_flags);
+	__u64 acked = SNAP(b, struct tcp_sock, bytes_acked) - f->base_acked;
+	__u64 received = SNAP(b, struct tcp_sock, bytes_received) - f->base_received;
 
 	/* bytes_acked counts the client's SYN (in the base) and our FIN once
 	 * it is acknowledged; bytes_received counts the peer's FIN. Neither
 	 * is payload. Our FIN was queued iff we went through FIN_WAIT1 or
-	 * LAST_ACK, and it is acknowledged iff nothing is left unacked. */
-	acked -= f->base_acked;
+	 * LAST_ACK, and it is acknowledged iff nothing is left unacked. The
+	 * peer's FIN was received iff tcp_fin() set SOCK_DONE. */
 	if ((f->states & ((1 << TCP_FIN_WAIT1) | (1 << TCP_LAST_ACK))) &&
-	    BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq) && acked > 0)
+	    SNAP(b, struct tcp_sock, snd_una) == SNAP(b, struct tcp_sock, write_seq) &&
+	    acked > 0)
 		acked--;
-	received -= f->base_received;
-	if ((flags & (1UL << SOCK_DONE)) && received > 0)
+	if ((SNAP(b, struct sock_common, skc_flags) & (1UL << SOCK_DONE)) && received > 0)
 		received--;
 
 	c->bytes_sent = acked;
 	c->bytes_received = received;
-	c->segs_in = BPF_CORE_READ(tp, segs_in);
-	c->segs_out = BPF_CORE_READ(tp, segs_out);
-	c->retrans = BPF_CORE_READ(tp, total_retrans);
-	c->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
-	c->rttvar_us = BPF_CORE_READ(tp, mdev_us) >> 2;
-	c->min_rtt_us = BPF_CORE_READ(tp, rtt_min.s[0].v);
+	c->segs_in = SNAP(b, struct tcp_sock, segs_in);
+	c->segs_out = SNAP(b, struct tcp_sock, segs_out);
+	c->retrans = SNAP(b, struct tcp_sock, total_retrans);
+	c->srtt_us = SNAP(b, struct tcp_sock, srtt_us) >> 3;
+	c->rttvar_us = SNAP(b, struct tcp_sock, mdev_us) >> 2;
+	c->min_rtt_us = *(__u32 *)(b + bpf_core_field_offset(struct tcp_sock, rtt_min) +
+				   __builtin_offsetof(struct minmax_sample, v));
 }
 
-static __always_inline void read_tuple(const struct sock *sk, struct tcp_tuple *e)
+static __always_inline void read_tuple(const __u8 *b, struct tcp_tuple *e)
 {
-	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	e->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	e->rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	e->netns = sk_netns(sk);
+	e->family = SNAP(b, struct sock_common, skc_family);
+	e->lport = SNAP(b, struct sock_common, skc_num);
+	e->rport = __builtin_bswap16(SNAP(b, struct sock_common, skc_dport));
 	if (e->family == AF_INET) {
-		__be32 l = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
-		__be32 r = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__be32 l = SNAP(b, struct sock_common, skc_rcv_saddr);
+		__be32 r = SNAP(b, struct sock_common, skc_daddr);
 
 		__builtin_memcpy(e->laddr, &l, 4);
 		__builtin_memcpy(e->raddr, &r, 4);
 	} else {
-		BPF_CORE_READ_INTO(&e->laddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(&e->raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+		__builtin_memcpy(e->laddr, b + bpf_core_field_offset(struct sock_common, skc_v6_rcv_saddr), 16);
+		__builtin_memcpy(e->raddr, b + bpf_core_field_offset(struct sock_common, skc_v6_daddr), 16);
 	}
 }
 
@@ -233,17 +294,34 @@ static __always_inline void flow_insert(__u64 key, struct flow *f)
 		fm_count(TCP_CTR_FLOW_NEW);
 }
 
-static __always_inline void established(const struct sock *sk, __u64 key,
-					struct flow *f, __u64 now)
+static __always_inline void established(const struct sock *sk, struct flow *f,
+					__u32 netns, __u64 now)
 {
-	const struct tcp_sock *tp = (const void *)sk;
+	const __u8 *b = snapshot(sk);
 
+	if (!b)
+		return;
 	f->start_ns = now;
-	f->base_acked = BPF_CORE_READ(tp, bytes_acked);
-	f->base_received = BPF_CORE_READ(tp, bytes_received);
+	f->base_acked = SNAP(b, struct tcp_sock, bytes_acked);
+	f->base_received = SNAP(b, struct tcp_sock, bytes_received);
 	f->states |= 1 << TCP_ESTABLISHED;
-	read_tuple(sk, &f->tuple);
+	read_tuple(b, &f->tuple);
+	f->tuple.netns = netns;
 	emit(f, TCP_EVENT_OPEN, now);
+}
+
+/* closed snapshots the final counters. tcp_disconnect() zeroes them right
+ * after the TCP_CLOSE transition, so this runs at the transition; the event
+ * waits for tcp_destroy_sock, so that a reset sent by the close path is
+ * counted. */
+static __always_inline void closed(const struct sock *sk, struct flow *f)
+{
+	const __u8 *b = snapshot(sk);
+
+	if (b)
+		read_counts(b, f, &f->final);
+	f->close_ns = bpf_ktime_get_ns();
+	f->closed = 1;
 }
 
 SEC("raw_tracepoint/inet_sock_set_state")
@@ -253,19 +331,27 @@ int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 	int oldstate = ctx->args[1];
 	int newstate = ctx->args[2];
 	__u64 key = (__u64)sk;
-	__u64 now;
-	struct flow *f;
+	struct flow *f = bpf_map_lookup_elem(&flows, &key);
 
-	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+	/* Fast path, most transitions: a flow we track moves on. Only the
+	 * flow map is keyed by a TCP socket, so no further checks. */
+	if (f) {
+		f->states |= 1 << (newstate & 15);
+		if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_SENT) {
+			established(sk, f, sk_netns(sk), bpf_ktime_get_ns());
+		} else if (newstate == TCP_CLOSE) {
+			if (f->start_ns)
+				closed(sk, f);
+			else
+				flow_done(key); /* refused or timed out: no event */
+		}
 		return 0;
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	if (family != AF_INET && family != AF_INET6)
-		return 0;
+	}
 
 	switch (newstate) {
 	case TCP_SYN_SENT: {
 		/* connect(): process context, the caller owns the flow. */
-		if (!fm_current_in_scope())
+		if (!fm_current_in_scope() || !is_inet_tcp(sk))
 			return 0;
 		struct flow nf = { .role = TCP_ROLE_CLIENT, .states = 1 << TCP_SYN_SENT };
 
@@ -275,7 +361,7 @@ int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 	}
 	case TCP_LISTEN: {
 		/* listen(): process context. */
-		if (!fm_current_in_scope())
+		if (!fm_current_in_scope() || !is_inet_tcp(sk))
 			return 0;
 		struct listener_key lk = { .netns = sk_netns(sk),
 					   .port = BPF_CORE_READ(sk, __sk_common.skc_num) };
@@ -286,59 +372,36 @@ int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 			fm_count(TCP_CTR_LISTENER_FULL);
 		return 0;
 	}
-	case TCP_ESTABLISHED:
-		now = bpf_ktime_get_ns();
-		if (oldstate == TCP_SYN_SENT) {
-			f = bpf_map_lookup_elem(&flows, &key);
-			if (f)
-				established(sk, key, f, now);
-		} else if (oldstate == TCP_SYN_RECV) {
-			/* Softirq context: the owner is the listener's. */
-			struct listener_key lk = { .netns = sk_netns(sk),
-						   .port = BPF_CORE_READ(sk, __sk_common.skc_num) };
-			struct fm_task *owner = bpf_map_lookup_elem(&listeners, &lk);
+	case TCP_ESTABLISHED: {
+		if (oldstate != TCP_SYN_RECV)
+			return 0;
+		/* Accepted: softirq context, the owner is the listener's. */
+		__u32 netns = sk_netns(sk);
+		struct listener_key lk = { .netns = netns,
+					   .port = BPF_CORE_READ(sk, __sk_common.skc_num) };
+		struct fm_task *owner = bpf_map_lookup_elem(&listeners, &lk);
 
-			if (!owner)
-				return 0;
-			struct flow nf = { .task = *owner, .role = TCP_ROLE_SERVER,
-					   .states = 1 << TCP_SYN_RECV };
+		if (!owner || !is_inet_tcp(sk))
+			return 0;
+		struct flow nf = { .task = *owner, .role = TCP_ROLE_SERVER,
+				   .states = 1 << TCP_SYN_RECV };
 
-			flow_insert(key, &nf);
-			f = bpf_map_lookup_elem(&flows, &key);
-			if (f)
-				established(sk, key, f, now);
-		}
+		flow_insert(key, &nf);
+		f = bpf_map_lookup_elem(&flows, &key);
+		if (f)
+			established(sk, f, netns, bpf_ktime_get_ns());
 		return 0;
+	}
 	case TCP_CLOSE:
 		if (oldstate == TCP_LISTEN) {
 			struct listener_key lk = { .netns = sk_netns(sk),
 						   .port = BPF_CORE_READ(sk, __sk_common.skc_num) };
 
 			bpf_map_delete_elem(&listeners, &lk);
-			return 0;
 		}
-		f = bpf_map_lookup_elem(&flows, &key);
-		if (!f)
-			return 0;
-		if (!f->start_ns) {
-			/* Never established (refused, timed out): no event. */
-			flow_done(key);
-			return 0;
-		}
-		f->states |= 1 << TCP_CLOSE;
-		/* Snapshot now: tcp_disconnect() zeroes the counters right
-		 * after this transition. The event waits for tcp_destroy_sock,
-		 * so that a reset sent by the close path is counted. */
-		read_counts(sk, f, &f->final);
-		f->close_ns = bpf_ktime_get_ns();
-		f->closed = 1;
-		return 0;
-	default:
-		f = bpf_map_lookup_elem(&flows, &key);
-		if (f)
-			f->states |= 1 << (newstate & 15);
 		return 0;
 	}
+	return 0;
 }
 
 SEC("raw_tracepoint/tcp_destroy_sock")
@@ -351,10 +414,8 @@ int on_destroy_sock(struct bpf_raw_tracepoint_args *ctx)
 	if (!f)
 		return 0;
 	if (f->start_ns) {
-		if (!f->closed) {
-			read_counts(sk, f, &f->final);
-			f->close_ns = bpf_ktime_get_ns();
-		}
+		if (!f->closed)
+			closed(sk, f);
 		emit(f, TCP_EVENT_CLOSE, f->close_ns);
 	}
 	flow_done(key);

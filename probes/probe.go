@@ -4,7 +4,9 @@
 // A family implements [Probe]: given an [Env] it loads its eBPF objects,
 // attaches them within the session's [Scope], and returns an [Attachment]
 // whose ring buffers the session drains and whose records the family decodes
-// and publishes as typed events on the session's [Bus].
+// and publishes as typed events on the session's [Bus]. A family may also
+// implement [Telemetry], its mapping of those events to OpenTelemetry
+// instruments and spans, which flowmill.NewExporter uses.
 //
 // Users pick families with flowmill.WithProbes; they rarely need this
 // package directly.

@@ -161,6 +161,10 @@ struct mm_struct {
 	unsigned long arg_end;
 };
 
+struct thread_info {
+	u32 status;
+};
+
 struct task_struct {
 	pid_t pid;
 	pid_t tgid;
@@ -170,10 +174,12 @@ struct task_struct {
 	int exit_code;
 	u64 start_time;
 	char comm[16];
+	struct thread_info thread_info; /* first on x86 (THREAD_INFO_IN_TASK) */
 };
 
 struct linux_binprm {
 	const char *filename;
+	int argc;
 };
 
 #pragma clang attribute pop

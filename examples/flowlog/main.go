@@ -30,7 +30,8 @@ func main() {
 	if *pid != 0 {
 		scope = flowmill.WithProcessScope(*pid)
 	}
-	s, err := flowmill.Start(ctx, scope, flowmill.WithProbes(tcp.New(tcp.WithStatsInterval(*interval))))
+	// Not ctx: the session must outlive Ctrl-C long enough to report losses.
+	s, err := flowmill.Start(context.Background(), scope, flowmill.WithProbes(tcp.New(tcp.WithStatsInterval(*interval))))
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -2,32 +2,34 @@
 // without allocating for names seen before.
 package intern
 
-import "sync"
-
 // Comms interns task names (the kernel's 16-byte comm). It is bounded: when
-// full it starts over. Safe for concurrent use.
+// full it starts over. It is not safe for concurrent use: each decoder
+// goroutine has its own.
 type Comms struct {
-	mu sync.Mutex
-	m  map[[16]byte]string
+	last    [16]byte
+	lastStr string
+	m       map[[16]byte]string
 }
 
 const maxComms = 4096
 
 // String returns comm up to its first NUL as a string.
 func (c *Comms) String(comm *[16]byte) string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if s, ok := c.m[*comm]; ok {
-		return s
+	if *comm == c.last && c.lastStr != "" {
+		return c.lastStr
 	}
-	if c.m == nil || len(c.m) >= maxComms {
-		c.m = make(map[[16]byte]string, 64)
+	s, ok := c.m[*comm]
+	if !ok {
+		if c.m == nil || len(c.m) >= maxComms {
+			c.m = make(map[[16]byte]string, 64)
+		}
+		n := 0
+		for n < len(comm) && comm[n] != 0 {
+			n++
+		}
+		s = string(comm[:n])
+		c.m[*comm] = s
 	}
-	n := 0
-	for n < len(comm) && comm[n] != 0 {
-		n++
-	}
-	s := string(comm[:n])
-	c.m[*comm] = s
+	c.last, c.lastStr = *comm, s
 	return s
 }

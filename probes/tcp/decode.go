@@ -31,16 +31,22 @@ const eventSize = int(unsafe.Sizeof(tcpBPFTcpEvent{}))
 type decoder struct {
 	boot  func(uint64) time.Time
 	comms intern.Comms
-	ev    tcpBPFTcpEvent // scratch: records need not be aligned
+	ev    tcpBPFTcpEvent // scratch for unaligned records
 }
 
-// record copies raw into the decoder's scratch event.
+// record returns raw as an event: in place when raw is aligned (ring-buffer
+// records are), else copied into the decoder's scratch event.
 func (d *decoder) record(raw []byte) (*tcpBPFTcpEvent, error) {
 	if len(raw) < eventSize {
 		return nil, errShort
 	}
-	copy(unsafe.Slice((*byte)(unsafe.Pointer(&d.ev)), eventSize), raw)
-	e := &d.ev
+	var e *tcpBPFTcpEvent
+	if p := unsafe.Pointer(unsafe.SliceData(raw)); uintptr(p)%unsafe.Alignof(d.ev) == 0 {
+		e = (*tcpBPFTcpEvent)(p)
+	} else {
+		copy(unsafe.Slice((*byte)(unsafe.Pointer(&d.ev)), eventSize), raw)
+		e = &d.ev
+	}
 	if e.Kind != kindOpen && e.Kind != kindClose {
 		return nil, errKind
 	}

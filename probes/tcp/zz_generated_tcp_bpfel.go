@@ -47,6 +47,11 @@ type tcpBPFListenerKey struct {
 	Pad   uint16
 }
 
+type tcpBPFSnap struct {
+	_ structs.HostLayout
+	B [4096]uint8
+}
+
 type tcpBPFTcpCounts struct {
 	_             structs.HostLayout
 	BytesSent     uint64
@@ -95,6 +100,7 @@ const (
 	tcpBPFMapFlows           = "flows"
 	tcpBPFMapListeners       = "listeners"
 	tcpBPFMapScopeCgroup     = "scope_cgroup"
+	tcpBPFMapSnaps           = "snaps"
 	tcpBPFProgOnDestroySock  = "on_destroy_sock"
 	tcpBPFProgOnReceiveReset = "on_receive_reset"
 	tcpBPFProgOnSendReset    = "on_send_reset"
@@ -163,6 +169,7 @@ type tcpBPFMapSpecs struct {
 	Flows       *ebpf.MapSpec `ebpf:"flows"`
 	Listeners   *ebpf.MapSpec `ebpf:"listeners"`
 	ScopeCgroup *ebpf.MapSpec `ebpf:"scope_cgroup"`
+	Snaps       *ebpf.MapSpec `ebpf:"snaps"`
 }
 
 // tcpBPFVariableSpecs contains global variables before they are loaded into the kernel.
@@ -201,6 +208,7 @@ type tcpBPFMaps struct {
 	Flows       *ebpf.Map `ebpf:"flows"`
 	Listeners   *ebpf.Map `ebpf:"listeners"`
 	ScopeCgroup *ebpf.Map `ebpf:"scope_cgroup"`
+	Snaps       *ebpf.Map `ebpf:"snaps"`
 }
 
 func (m *tcpBPFMaps) Close() error {
@@ -210,6 +218,7 @@ func (m *tcpBPFMaps) Close() error {
 		m.Flows,
 		m.Listeners,
 		m.ScopeCgroup,
+		m.Snaps,
 	)
 }
 

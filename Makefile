@@ -1,0 +1,40 @@
+# flowmill: build, generate, test.
+#
+#   make tools     install clang, llvm, libbpf headers and bpftool (Debian)
+#   make test-tools install the peers the tests drive: curl, ss, nft, prometheus
+#   make generate  recompile bpf/*.c into the committed probes/*/zz_generated_*
+#   make test      run the tests (privileged tests need root)
+#   make bench     run the benchmarks
+#   make lint      gofmt and go vet
+
+GO ?= go
+TEST_FLAGS ?= -race -count=1
+
+.PHONY: all tools test-tools generate test bench lint check-generated
+
+all: lint test
+
+tools:
+	apt-get update
+	apt-get install -y --no-install-recommends clang llvm libbpf-dev bpftool
+
+test-tools:
+	apt-get update
+	apt-get install -y --no-install-recommends curl iproute2 nftables prometheus
+
+generate:
+	$(GO) generate ./...
+
+# Regenerate and fail if the committed objects differ.
+check-generated: generate
+	git diff --exit-code -- probes/ || { echo "generated eBPF objects are stale: run make generate and commit" >&2; exit 1; }
+
+test:
+	$(GO) test $(TEST_FLAGS) ./...
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...

@@ -1,0 +1,50 @@
+// Package flowmill lets a Go service observe itself — and, if asked, its
+// whole host — with eBPF, and hands what it sees to Go code as typed events.
+//
+// A session loads the bundled eBPF objects (compiled ahead of time and
+// embedded: no clang, no kernel headers at run time), attaches them to stable
+// kernel hooks, and reads their events:
+//
+//	s, err := flowmill.Start(ctx, flowmill.WithProbes(tcp.New()))
+//	if err != nil {
+//		return err // errors.Is(err, flowmill.ErrPermission), ErrNoBTF, ...
+//	}
+//	defer s.Close()
+//
+//	closed, _ := flowmill.Subscribe[tcp.ConnClosed](s)
+//	for c := range closed.Events() {
+//		fmt.Println(c.Remote, c.BytesSent, c.BytesReceived, c.SRTT)
+//	}
+//
+// # Scope
+//
+// By default a session observes the calling process only (all its threads).
+// WithHostScope widens it to every process, WithCgroupScope narrows it to a
+// cgroup. Filtering happens in the kernel: other processes' activity costs
+// no ring-buffer space and no user-space work.
+//
+// # Delivery and losses
+//
+// Each probe family writes fixed-layout records to a kernel ring buffer. The
+// kernel wakes the reader only when 64 KiB are waiting; otherwise the session
+// drains the buffer on a timer (WithMaxLatency, 50ms by default), because a
+// wake-up costs far more than the record. Records are decoded without
+// allocation and fanned out to subscriptions by type.
+//
+// Delivery never blocks the reader: a Subscription whose channel is full
+// misses the event and counts it (Subscription.Dropped). Every other loss is
+// counted too: Session.Stats reports records the kernel dropped because a
+// ring buffer was full, and entries evicted from bounded kernel maps.
+//
+// # Time
+//
+// Kernel timestamps (CLOCK_MONOTONIC) are converted to wall-clock time with
+// one offset measured when the session starts.
+//
+// # Requirements
+//
+// Linux 5.8 or later with BTF (/sys/kernel/btf/vmlinux), and root or
+// CAP_BPF with CAP_PERFMON. Start returns an error wrapping ErrPermission,
+// ErrNoBTF, ErrMissingHook or ErrNotSupported, saying what is missing and
+// what to do, when a requirement is not met.
+package flowmill

@@ -1,0 +1,132 @@
+package flowmill_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/flowmill/flowmill"
+	"github.com/flowmill/flowmill/internal/testutil"
+	"github.com/flowmill/flowmill/probes/tcp"
+)
+
+func start(t *testing.T, ctx context.Context) *flowmill.Session {
+	t.Helper()
+	testutil.RequireBPF(t)
+	s, err := flowmill.Start(ctx, flowmill.WithProbes(tcp.New()))
+	testutil.CheckStart(t, err)
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func TestStartWithoutProbes(t *testing.T) {
+	if _, err := flowmill.Start(context.Background()); err == nil {
+		t.Fatal("Start without probes succeeded")
+	}
+	if _, err := flowmill.Start(context.Background(), flowmill.WithProbes(tcp.New()), flowmill.WithRingBufferSize(5000)); err == nil {
+		t.Fatal("Start with a ring buffer size that is not a power of two succeeded")
+	}
+}
+
+// Close is idempotent and safe from many goroutines at once; it closes the
+// subscriptions' channels.
+func TestCloseConcurrent(t *testing.T) {
+	s := start(t, context.Background())
+	sub, err := flowmill.Subscribe[tcp.ConnClosed](s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, 8)
+	for i := range errs {
+		wg.Go(func() { errs[i] = s.Close() })
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != errs[0] {
+			t.Errorf("Close returned %v and %v", errs[0], err)
+		}
+	}
+	if errs[0] != nil {
+		t.Errorf("Close: %v", errs[0])
+	}
+	if _, ok := <-sub.Events(); ok {
+		t.Error("subscription channel still open after Close")
+	}
+	sub.Close() // after the session: still fine
+	if _, err := flowmill.Subscribe[tcp.ConnOpened](s); !errors.Is(err, flowmill.ErrClosed) {
+		t.Errorf("Subscribe after Close: %v, want ErrClosed", err)
+	}
+	if _, err := s.Stats(); !errors.Is(err, flowmill.ErrClosed) {
+		t.Errorf("Stats after Close: %v, want ErrClosed", err)
+	}
+}
+
+// The session ends with its context.
+func TestContextEndsSession(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	s := start(t, ctx)
+	cancel()
+	select {
+	case <-s.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("session still running after its context was cancelled")
+	}
+}
+
+// Subscribing to a type no probe of the session produces is an error that
+// says what to do.
+func TestSubscribeUnproduced(t *testing.T) {
+	s := start(t, context.Background())
+	type other struct{}
+	if _, err := flowmill.Subscribe[other](s); err == nil {
+		t.Fatal("Subscribe to an unproduced type succeeded")
+	}
+	st, err := s.Stats()
+	if err != nil || st.EventsLost != 0 {
+		t.Fatalf("Stats: %+v, %v", st, err)
+	}
+}
+
+// Close delivers the events the kernel produced before it was called, even
+// when the reader has not been woken for them yet.
+func TestCloseDeliversPending(t *testing.T) {
+	testutil.RequireBPF(t)
+	s, err := flowmill.Start(context.Background(), flowmill.WithProbes(tcp.New()), flowmill.WithMaxLatency(time.Hour))
+	testutil.CheckStart(t, err)
+	t.Cleanup(func() { s.Close() })
+	closed, err := flowmill.Subscribe[tcp.ConnClosed](s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	sc.Close()
+	time.Sleep(100 * time.Millisecond) // both sockets destroyed; records wait in the ring
+	if len(closed.Events()) != 0 {
+		t.Fatal("events delivered before a wake-up or a drain: the test proves nothing")
+	}
+	s.Close()
+	n := 0
+	for range closed.Events() {
+		n++
+	}
+	if n != 2 {
+		t.Errorf("Close delivered %d close events, want 2", n)
+	}
+}

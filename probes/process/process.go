@@ -1,0 +1,185 @@
+// Package process is the process lifecycle probe family: Fork, Exec (with
+// filename and argv) and Exit (with exit status or signal, and lifetime) of
+// the processes in the session's scope.
+//
+// It attaches to stable raw tracepoints only (sched_process_fork,
+// sched_process_exec, sched_process_exit), so it needs neither kprobes nor
+// fentry, and the kernel sends one record per fork, exec and exit in scope.
+//
+// # Scope
+//
+// In the session's default scope (flowmill.WithProcessScope, or no scope
+// option) the probe observes that process and all its descendants: the
+// kernel keeps the tree in a map, seeded with the scope process and its
+// living descendants when the probe attaches, extended at each fork of a
+// tracked process and pruned at each exit. A child forked while the map is
+// full is not followed, and that loss is counted in the session's
+// Stats.EventsLost (raise WithMaxProcesses). flowmill.WithHostScope
+// observes every process, flowmill.WithCgroupScope the processes of a
+// cgroup.
+//
+// # Cost
+//
+// Records are read in batches (see flowmill.WithMaxLatency). Exec records
+// carry only the bytes of their filename and arguments. Decoding a fork or
+// exit does not allocate; an exec allocates its Argv.
+package process
+
+import (
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/flowmill/flowmill/internal/bpfload"
+	"github.com/flowmill/flowmill/internal/proctree"
+	"github.com/flowmill/flowmill/probes"
+)
+
+// Option configures the probe.
+type Option func(*Probe)
+
+// WithMaxProcesses bounds the kernel's table of the process tree followed
+// in the default (process) scope (default 16384 processes). It is unused in
+// host and cgroup scope.
+func WithMaxProcesses(n int) Option {
+	return func(p *Probe) { p.maxProcs = uint32(n) }
+}
+
+// Probe is the process probe family. Create it with New.
+type Probe struct {
+	maxProcs uint32
+}
+
+// New returns the process probe, to pass to flowmill.WithProbes. It
+// produces Exec, Exit and Fork.
+func New(opts ...Option) *Probe {
+	p := &Probe{maxProcs: 16384}
+	for _, o := range opts {
+		o(p)
+	}
+	return p
+}
+
+// Name returns "process".
+func (p *Probe) Name() string { return "process" }
+
+// Counter slots (bpf/include/flowmill.h, bpf/process.c).
+const (
+	ctrLost = iota
+	ctrTrackFull
+	nCounters
+)
+
+// Attach loads and attaches the probe. It is called by flowmill.Start.
+func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
+	if p.maxProcs == 0 {
+		return nil, fmt.Errorf("process: WithMaxProcesses must be positive")
+	}
+	spec, err := loadProcessBPF()
+	if err != nil {
+		return nil, err
+	}
+	if err := bpfload.Configure(spec, env); err != nil {
+		return nil, fmt.Errorf("process: %w", err)
+	}
+	spec.Maps["tracked"].MaxEntries = p.maxProcs
+	a := &attachment{
+		dec:   decoder{boot: env.BootTime},
+		execs: probes.Produce[Exec](env.Bus),
+		exits: probes.Produce[Exit](env.Bus),
+		forks: probes.Produce[Fork](env.Bus),
+	}
+	if err := bpfload.Load(spec, env, &a.objs, func() *ebpf.Map { return a.objs.ScopeCgroup }); err != nil {
+		return nil, fmt.Errorf("process: %w", err)
+	}
+	if env.Scope.Kind == probes.ScopeProcess {
+		if err := a.objs.Tracked.Put(env.Scope.PID, uint8(1)); err != nil {
+			a.objs.Close()
+			return nil, fmt.Errorf("process: tracking process %d: %w", env.Scope.PID, err)
+		}
+	}
+	a.links, err = bpfload.AttachRawTracepoints(
+		// Fork first, so that the tree is followed before anything else
+		// is reported.
+		bpfload.RawTracepoint{Name: "sched_process_fork", Program: a.objs.OnFork},
+		bpfload.RawTracepoint{Name: "sched_process_exit", Program: a.objs.OnExit},
+		bpfload.RawTracepoint{Name: "sched_process_exec", Program: a.objs.OnExec},
+	)
+	if err != nil {
+		a.objs.Close()
+		return nil, fmt.Errorf("process: %w", err)
+	}
+	if env.Scope.Kind == probes.ScopeProcess {
+		if err := proctree.Seed(a.objs.Tracked, env.Scope.PID); err != nil {
+			a.Close()
+			return nil, fmt.Errorf("process: %w", err)
+		}
+	}
+	return a, nil
+}
+
+type attachment struct {
+	objs  processBPFObjects
+	links []link.Link
+	dec   decoder
+
+	execs *probes.Topic[Exec]
+	exits *probes.Topic[Exit]
+	forks *probes.Topic[Fork]
+}
+
+func (a *attachment) Rings() []probes.Ring {
+	return []probes.Ring{{Map: a.objs.Events, Handle: a.handle}}
+}
+
+// handle decodes one record and publishes it. Records nobody subscribes to
+// are not decoded. Malformed records cannot come from our own programs;
+// they are ignored.
+func (a *attachment) handle(raw []byte) {
+	kind, err := a.dec.kind(raw)
+	if err != nil {
+		return
+	}
+	switch kind {
+	case kindExec:
+		if !a.execs.Active() {
+			return
+		}
+		var ev Exec
+		if a.dec.decodeExec(raw, &ev) == nil {
+			a.execs.Publish(&ev)
+		}
+	case kindExit:
+		if !a.exits.Active() {
+			return
+		}
+		var ev Exit
+		a.dec.decodeExit(&ev)
+		a.exits.Publish(&ev)
+	case kindFork:
+		if !a.forks.Active() {
+			return
+		}
+		var ev Fork
+		a.dec.decodeFork(&ev)
+		a.forks.Publish(&ev)
+	}
+}
+
+func (a *attachment) Stats() (probes.Stats, error) {
+	c, err := bpfload.Counters(a.objs.Counters, nCounters)
+	if err != nil {
+		return probes.Stats{}, err
+	}
+	return probes.Stats{Lost: c[ctrLost] + c[ctrTrackFull]}, nil
+}
+
+func (a *attachment) Close() error {
+	err := bpfload.CloseLinks(a.links)
+	a.links = nil
+	if cerr := a.objs.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}

@@ -1,0 +1,56 @@
+package syscalls_test
+
+import (
+	"context"
+	"slices"
+	"syscall"
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/flowmill/flowmill"
+	"github.com/flowmill/flowmill/internal/testutil"
+	"github.com/flowmill/flowmill/probes/syscalls"
+)
+
+// BenchmarkKernel measures the kernel-side cost of on_sys_enter per hit
+// (the kernel's own run-time statistics) while the benchmark calls getpid,
+// in the default scope (the benchmark's process tree) and in host scope.
+// "none" is the same loop without the probe: the raw system call cost.
+// Hits by other processes on the host are included: in the default scope
+// they stop at the scope check.
+func BenchmarkKernel(b *testing.B) {
+	b.Run("none", func(b *testing.B) {
+		for b.Loop() {
+			syscall.RawSyscall(syscall.SYS_GETPID, 0, 0, 0)
+		}
+	})
+	for _, bc := range []struct {
+		name string
+		opts []flowmill.Option
+	}{{"tree", nil}, {"host", []flowmill.Option{flowmill.WithHostScope()}}} {
+		b.Run(bc.name, func(b *testing.B) {
+			testutil.RequireBPF(b)
+			testutil.EnableRunStats(b)
+			held := testutil.OwnPrograms(b)
+			s, err := flowmill.Start(context.Background(), append(bc.opts, flowmill.WithProbes(syscalls.New()))...)
+			testutil.CheckStart(b, err)
+			b.Cleanup(func() { s.Close() })
+			var ours []ebpf.ProgramID
+			for _, id := range testutil.OwnPrograms(b) {
+				if !slices.Contains(held, id) {
+					ours = append(ours, id)
+				}
+			}
+			start := testutil.RunStats(b, ours)
+			for b.Loop() {
+				syscall.RawSyscall(syscall.SYS_GETPID, 0, 0, 0)
+			}
+			end := testutil.RunStats(b, ours)
+			st := end["on_sys_enter"]
+			n := st.RunCount - start["on_sys_enter"].RunCount
+			b.ReportMetric(float64(st.Runtime-start["on_sys_enter"].Runtime)/float64(n), "on_sys_enter-ns/hit")
+			b.ReportMetric(float64(n)/float64(b.N), "hits/op")
+		})
+	}
+}

@@ -1,0 +1,256 @@
+// Package syscalls is the system call probe family: how many times each
+// process in the session's scope made each system call, and, from that, a
+// seccomp profile allowing exactly what was used.
+//
+// # Design
+//
+// Nothing is sent per system call. A program on the sys_enter raw
+// tracepoint increments a per-CPU counter keyed by {PID, syscall number}
+// in a bounded kernel hash map: no atomic operation, no ring buffer record,
+// no wake-up on the hot path. User space reads the map on a timer
+// (WithInterval) with batched lookups, sums the CPUs, and publishes a
+// Counts event for each process whose counts changed. When a process dies
+// the kernel notes it (sched_process_exit), and the next read publishes its
+// final Counts (Exited set) and frees its entries, so the map holds only
+// living processes and those that died since the last read.
+//
+// Counts are cumulative per process from the moment the probe attached (or
+// the process appeared). Probe.Snapshot reads the kernel at once; Probe.Totals
+// sums everything observed, including processes that have exited, and is
+// what SeccompProfile is usually given.
+//
+// # Scope
+//
+// As in the process family, the default scope is the session's process and
+// all its descendants (a tree the kernel follows across forks);
+// flowmill.WithHostScope and flowmill.WithCgroupScope widen or change it.
+//
+// # Limits
+//
+// Entries that do not fit in the map (WithMaxEntries), exits that cannot be
+// noted and children that cannot be followed are counted in the session's
+// Stats.EventsLost. Only native x86-64 calls are counted: ia32 (int 0x80)
+// and x32 calls are ignored. PIDs are those of the initial PID namespace;
+// if a PID is reused within one interval of its previous owner's death, the
+// two processes' counts are merged.
+package syscalls
+
+import (
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/flowmill/flowmill/internal/bpfload"
+	"github.com/flowmill/flowmill/internal/proctree"
+	"github.com/flowmill/flowmill/probes"
+)
+
+// ErrNotAttached is returned by Snapshot when the probe is not part of an
+// open session.
+var ErrNotAttached = errors.New("syscalls: probe not attached: pass it to flowmill.WithProbes and keep the session open")
+
+// Option configures the probe.
+type Option func(*Probe)
+
+// WithInterval sets how often the kernel counters are read and Counts
+// published (default 1s).
+func WithInterval(d time.Duration) Option {
+	return func(p *Probe) { p.interval = d }
+}
+
+// WithMaxEntries bounds the kernel's table of {process, system call} pairs
+// (default 65536; a process typically uses 30 to 100 distinct calls). Calls
+// of a pair that finds the table full are not counted; they are counted in
+// the session's Stats.EventsLost instead.
+func WithMaxEntries(n int) Option {
+	return func(p *Probe) { p.maxEntries = uint32(n) }
+}
+
+// WithMaxProcesses bounds the kernel's tables of the process tree followed
+// in the default (process) scope and of processes that died between two
+// reads (default 16384 each).
+func WithMaxProcesses(n int) Option {
+	return func(p *Probe) { p.maxProcs = uint32(n) }
+}
+
+// Probe is the system call probe family. Create it with New. A Probe
+// serves one session at a time; its query methods read that session's
+// counters.
+type Probe struct {
+	interval   time.Duration
+	maxEntries uint32
+	maxProcs   uint32
+	att        atomic.Pointer[attachment]
+}
+
+// New returns the system call probe, to pass to flowmill.WithProbes. It
+// produces Counts.
+func New(opts ...Option) *Probe {
+	p := &Probe{interval: time.Second, maxEntries: 65536, maxProcs: 16384}
+	for _, o := range opts {
+		o(p)
+	}
+	return p
+}
+
+// Name returns "syscalls".
+func (p *Probe) Name() string { return "syscalls" }
+
+// Snapshot reads the kernel counters now and returns the counts of every
+// living process observed, sorted by PID. It also publishes the Counts
+// events the read produces, as a timed read would.
+func (p *Probe) Snapshot() ([]Counts, error) {
+	a := p.att.Load()
+	if a == nil {
+		return nil, ErrNotAttached
+	}
+	return a.snapshot()
+}
+
+// Totals returns, for each system call observed, how many times the
+// processes in scope made it since the probe attached, including processes
+// that have exited; sorted by number. It reads the kernel first while the
+// session is open; after the session closed, it returns the totals as of
+// the close.
+func (p *Probe) Totals() ([]Count, error) {
+	a := p.att.Load()
+	if a == nil {
+		return nil, ErrNotAttached
+	}
+	return a.totalCounts()
+}
+
+// Counter slots (bpf/include/flowmill.h, bpf/syscalls.c).
+const (
+	ctrLost = iota
+	ctrFull
+	ctrExitedFull
+	ctrTrackFull
+	nCounters
+)
+
+// Attach loads and attaches the probe. It is called by flowmill.Start.
+func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
+	if p.interval <= 0 || p.maxEntries == 0 || p.maxProcs == 0 {
+		return nil, fmt.Errorf("syscalls: WithInterval, WithMaxEntries and WithMaxProcesses must be positive")
+	}
+	spec, err := loadSyscallsBPF()
+	if err != nil {
+		return nil, err
+	}
+	if err := bpfload.Configure(spec, env); err != nil {
+		return nil, fmt.Errorf("syscalls: %w", err)
+	}
+	spec.Maps["counts"].MaxEntries = p.maxEntries
+	spec.Maps["tracked"].MaxEntries = p.maxProcs
+	spec.Maps["exited"].MaxEntries = p.maxProcs
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, fmt.Errorf("syscalls: %w", err)
+	}
+	a := newAttachment(probes.Produce[Counts](env.Bus), ncpu)
+	if err := bpfload.Load(spec, env, &a.objs, func() *ebpf.Map { return a.objs.ScopeCgroup }); err != nil {
+		return nil, fmt.Errorf("syscalls: %w", err)
+	}
+	tps := []bpfload.RawTracepoint{
+		{Name: "sched_process_exit", Program: a.objs.OnExit},
+		{Name: "sys_enter", Program: a.objs.OnSysEnter},
+	}
+	if env.Scope.Kind == probes.ScopeProcess {
+		if err := a.objs.Tracked.Put(env.Scope.PID, uint8(1)); err != nil {
+			a.objs.Close()
+			return nil, fmt.Errorf("syscalls: tracking process %d: %w", env.Scope.PID, err)
+		}
+		// Follow the tree before anything is counted.
+		tps = append([]bpfload.RawTracepoint{{Name: "sched_process_fork", Program: a.objs.OnFork}}, tps...)
+	}
+	a.links, err = bpfload.AttachRawTracepoints(tps...)
+	if err != nil {
+		a.objs.Close()
+		return nil, fmt.Errorf("syscalls: %w", err)
+	}
+	if env.Scope.Kind == probes.ScopeProcess {
+		if err := proctree.Seed(a.objs.Tracked, env.Scope.PID); err != nil {
+			a.close()
+			return nil, fmt.Errorf("syscalls: %w", err)
+		}
+	}
+	a.start(p.interval)
+	p.att.Store(a)
+	return a, nil
+}
+
+type attachment struct {
+	objs  syscallsBPFObjects
+	links []link.Link
+	agg   *aggregator
+	stop  chan struct{}
+	done  chan struct{}
+}
+
+func (a *attachment) Rings() []probes.Ring { return nil }
+
+func (a *attachment) Stats() (probes.Stats, error) {
+	if err := a.agg.lastError(); err != nil {
+		return probes.Stats{}, fmt.Errorf("reading the syscall counters: %w", err)
+	}
+	c, err := bpfload.Counters(a.objs.Counters, nCounters)
+	if err != nil {
+		return probes.Stats{}, err
+	}
+	return probes.Stats{Lost: c[ctrLost] + c[ctrFull] + c[ctrExitedFull] + c[ctrTrackFull]}, nil
+}
+
+// Close stops the timer, makes a last read (publishing the final Counts),
+// then detaches and unloads everything. Totals stay available.
+func (a *attachment) Close() error {
+	if a.stop != nil {
+		close(a.stop)
+		<-a.done
+		a.stop = nil
+	}
+	err := a.agg.finish(&a.objs)
+	if cerr := a.close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (a *attachment) close() error {
+	err := bpfload.CloseLinks(a.links)
+	a.links = nil
+	if cerr := a.objs.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (a *attachment) start(interval time.Duration) {
+	a.stop = make(chan struct{})
+	a.done = make(chan struct{})
+	go func() {
+		defer close(a.done)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-a.stop:
+				return
+			case <-t.C:
+				a.agg.read(&a.objs)
+			}
+		}
+	}()
+}
+
+func (a *attachment) snapshot() ([]Counts, error) {
+	return a.agg.snapshot(&a.objs)
+}
+
+func (a *attachment) totalCounts() ([]Count, error) {
+	return a.agg.totalCounts(&a.objs)
+}
