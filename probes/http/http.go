@@ -17,8 +17,18 @@
 // remote span. A client request is a child of the served request whose
 // context it was given (r.Context() or a context derived from it, on any
 // goroutine), or else of the request its goroutine is serving. Otherwise it
-// starts a trace. The probe does not inject traceparent into outgoing
-// requests: see the package README for why and what to do.
+// starts a trace.
+//
+// The probe does not inject traceparent into outgoing requests, so the
+// services this program calls start their own traces. From the kernel,
+// injection would mean adding an entry to the request's Header map, a Go
+// heap allocation that eBPF cannot make, with bpf_probe_write_user, which
+// kernel lockdown refuses and which bypasses the garbage collector's write
+// barriers. In the process, it would mean replacing http.DefaultTransport
+// behind the application's back (a data race with its own use, and no
+// effect on clients with their own Transport). Neither is safe enough to do
+// silently; a service that needs propagation downstream uses an explicitly
+// instrumented Transport (otelhttp) for those calls.
 //
 // Limits: HTTP/2 served requests are not instrumented (they are counted in
 // the session's Stats.EventsLost); only amd64 Linux is supported.
