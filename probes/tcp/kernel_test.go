@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 
 	"github.com/flowmill/flowmill/internal/bpfload"
 	"github.com/flowmill/flowmill/internal/kclock"
+	"github.com/flowmill/flowmill/internal/ringread"
 	"github.com/flowmill/flowmill/internal/testutil"
 	"github.com/flowmill/flowmill/probes"
 )
@@ -38,6 +40,15 @@ func attachWithBus(t testing.TB, scope probes.Scope) (*attachment, *probes.Bus) 
 func TestTCPConnsService(t *testing.T) {
 	a, bus := attachWithBus(t, probes.Scope{Kind: probes.ScopeProcess, PID: uint32(unix.Getpid())})
 	defer a.Close()
+	var read atomic.Uint64
+	for _, r := range a.Rings() {
+		rd, err := ringread.New(r.Map, 10*time.Millisecond, r.Handle, &read)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go rd.Run()
+		defer rd.Close()
+	}
 	svc, ok := probes.Lookup[probes.TCPConns](bus)
 	if !ok {
 		t.Fatal("the TCP probe provides no probes.TCPConns")
@@ -68,6 +79,18 @@ func TestTCPConnsService(t *testing.T) {
 	}
 	if _, ok := svc.TCPConn(remote, local); !ok {
 		t.Fatalf("server side %v -> %v not found", remote, local)
+	}
+	// By the peer alone, as an HTTP server knows it: the probe must have
+	// seen the connection open (its records are read on a timer).
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		if _, ok := svc.TCPConn(netip.AddrPort{}, local); ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server side not found by its peer %v", local)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 	raw, _ := c.(*net.TCPConn).SyscallConn()
 	var info *unix.TCPInfo

@@ -30,36 +30,46 @@ type openFlow struct {
 	seq          uint64 // when it was opened, in poller.seq units
 }
 
-// poller sends ConnStats for open connections. It learns them from the
-// ConnOpened/ConnClosed records and reads their counters from the kernel's
-// tcp_info with a sock_diag dump: the same numbers ss -ti shows, read with
-// no work per packet. Only connections in the session's own network
-// namespace can be read this way.
+// poller keeps the open connections of the session's network namespace,
+// learnt from the ConnOpened/ConnClosed records, and, with a stats
+// interval, sends their ConnStats: it reads their counters from the
+// kernel's tcp_info with a sock_diag dump, the same numbers ss -ti shows,
+// with no work per packet. Connections in other namespaces cannot be read
+// this way. It also answers other families' questions about connections
+// (probes.TCPConns).
 type poller struct {
 	netns uint32
 	topic *probes.Topic[ConnStats]
 
-	mu    sync.Mutex
-	flows map[tuple]openFlow
-	seq   uint64
+	mu     sync.Mutex
+	flows  map[tuple]openFlow
+	byPeer map[netip.AddrPort]tuple // the open flows, by remote address
+	recent recentlyClosed
+	seq    uint64
 
 	quit chan struct{}
 	done chan struct{}
 }
 
+// newPoller starts the poller; interval 0 sends no ConnStats.
 func newPoller(interval time.Duration, topic *probes.Topic[ConnStats]) (*poller, error) {
 	ns, err := netnsInode("/proc/self/ns/net")
 	if err != nil {
 		return nil, err
 	}
 	p := &poller{
-		netns: ns,
-		topic: topic,
-		flows: make(map[tuple]openFlow),
-		quit:  make(chan struct{}),
-		done:  make(chan struct{}),
+		netns:  ns,
+		topic:  topic,
+		flows:  make(map[tuple]openFlow),
+		byPeer: make(map[netip.AddrPort]tuple),
+		quit:   make(chan struct{}),
+		done:   make(chan struct{}),
 	}
-	go p.run(interval)
+	if interval > 0 {
+		go p.run(interval)
+	} else {
+		close(p.done)
+	}
 	return p, nil
 }
 
@@ -77,6 +87,7 @@ func (p *poller) open(c *Conn, e *tcpBPFTcpEvent) {
 	}
 	p.mu.Lock()
 	p.seq++
+	p.byPeer[c.Remote] = tuple{c.Local, c.Remote}
 	p.flows[tuple{c.Local, c.Remote}] = openFlow{
 		conn:         *c,
 		startNS:      e.StartNs,
@@ -87,17 +98,111 @@ func (p *poller) open(c *Conn, e *tcpBPFTcpEvent) {
 	p.mu.Unlock()
 }
 
-func (p *poller) close(c *Conn) {
+func (p *poller) close(c *Conn, st *Stats, at time.Time) {
+	k := tuple{c.Local, c.Remote}
 	p.mu.Lock()
-	if f, ok := p.flows[tuple{c.Local, c.Remote}]; ok && f.conn.ID == c.ID {
-		delete(p.flows, tuple{c.Local, c.Remote})
+	if f, ok := p.flows[k]; ok && f.conn.ID == c.ID {
+		p.forget(k)
+		p.recent.add(k, connInfo(st), at)
 	}
 	p.mu.Unlock()
+}
+
+// forget removes an open flow; p.mu is held.
+func (p *poller) forget(k tuple) {
+	delete(p.flows, k)
+	if p.byPeer[k.remote] == k {
+		delete(p.byPeer, k.remote)
+	}
 }
 
 func (p *poller) stop() {
 	close(p.quit)
 	<-p.done
+}
+
+// TCPConn implements probes.TCPConns: the counters of a connection now, or
+// its final ones if it closed within the last recentFor. A zero local
+// address matches any open connection to remote.
+func (p *poller) TCPConn(local, remote netip.AddrPort) (probes.TCPConnInfo, bool) {
+	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
+	p.mu.Lock()
+	k, ok := tuple{local, remote}, true
+	if !local.IsValid() {
+		k, ok = p.byPeer[remote]
+	}
+	p.mu.Unlock()
+	if ok {
+		if s, err := sockdiag.Get(k.local, k.remote); err == nil {
+			return infoOf(s.Info), true
+		}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.recent.find(local, remote, time.Now())
+}
+
+func infoOf(ti *unix.TCPInfo) probes.TCPConnInfo {
+	return probes.TCPConnInfo{
+		SRTT:        usec(ti.Rtt),
+		RTTVar:      usec(ti.Rttvar),
+		MinRTT:      usec(ti.Min_rtt),
+		Retransmits: ti.Total_retrans,
+		SegmentsOut: ti.Segs_out,
+		SegmentsIn:  ti.Segs_in,
+	}
+}
+
+func connInfo(st *Stats) probes.TCPConnInfo {
+	return probes.TCPConnInfo{
+		SRTT: st.SRTT, RTTVar: st.RTTVar, MinRTT: st.MinRTT,
+		Retransmits: st.Retransmits, SegmentsOut: st.SegmentsOut, SegmentsIn: st.SegmentsIn,
+	}
+}
+
+// recentlyClosed remembers the final counters of connections that closed in
+// the last recentFor, so that a family asking just after the close (an HTTP
+// request answered with Connection: close) still gets them. Bounded.
+type recentlyClosed struct {
+	entries []closedFlow // oldest first
+}
+
+type closedFlow struct {
+	k    tuple
+	info probes.TCPConnInfo
+	at   time.Time
+}
+
+const (
+	recentFor = 10 * time.Second
+	recentMax = 4096
+)
+
+func (r *recentlyClosed) add(k tuple, info probes.TCPConnInfo, at time.Time) {
+	r.prune(at)
+	if len(r.entries) == recentMax {
+		r.entries = r.entries[1:]
+	}
+	r.entries = append(r.entries, closedFlow{k, info, at})
+}
+
+func (r *recentlyClosed) prune(now time.Time) {
+	i := 0
+	for i < len(r.entries) && now.Sub(r.entries[i].at) > recentFor {
+		i++
+	}
+	r.entries = r.entries[i:]
+}
+
+func (r *recentlyClosed) find(local, remote netip.AddrPort, now time.Time) (probes.TCPConnInfo, bool) {
+	r.prune(now)
+	for i := len(r.entries) - 1; i >= 0; i-- {
+		e := &r.entries[i]
+		if e.k.remote == remote && (!local.IsValid() || e.k.local == local) {
+			return e.info, true
+		}
+	}
+	return probes.TCPConnInfo{}, false
 }
 
 func (p *poller) run(interval time.Duration) {
@@ -159,7 +264,7 @@ func (p *poller) report() {
 	// close record (its entry was evicted from the kernel's flow map).
 	for k, f := range p.flows {
 		if f.seq <= before && !seen[k] {
-			delete(p.flows, k)
+			p.forget(k)
 		}
 	}
 }

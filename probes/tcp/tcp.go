@@ -13,7 +13,6 @@ package tcp
 
 import (
 	"fmt"
-	"net/netip"
 	"sync"
 	"time"
 
@@ -21,7 +20,6 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/flowmill/flowmill/internal/bpfload"
-	"github.com/flowmill/flowmill/internal/sockdiag"
 	"github.com/flowmill/flowmill/probes"
 )
 
@@ -114,40 +112,19 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 		a.objs.Close()
 		return nil, fmt.Errorf("tcp: %w", err)
 	}
-	probes.Provide[probes.TCPConns](env.Bus, conns{})
-	if p.interval > 0 {
-		if a.poller, err = newPoller(p.interval, a.stats); err != nil {
-			a.Close()
-			return nil, fmt.Errorf("tcp: %w", err)
-		}
+	if a.poller, err = newPoller(p.interval, a.stats); err != nil {
+		a.Close()
+		return nil, fmt.Errorf("tcp: %w", err)
 	}
+	probes.Provide[probes.TCPConns](env.Bus, a.poller)
 	return a, nil
-}
-
-// conns reads connections' counters from the kernel's tcp_info, for other
-// families (probes.TCPConns).
-type conns struct{}
-
-func (conns) TCPConn(local, remote netip.AddrPort) (probes.TCPConnInfo, bool) {
-	s, err := sockdiag.Get(local, remote)
-	if err != nil {
-		return probes.TCPConnInfo{}, false
-	}
-	return probes.TCPConnInfo{
-		SRTT:        usec(s.Info.Rtt),
-		RTTVar:      usec(s.Info.Rttvar),
-		MinRTT:      usec(s.Info.Min_rtt),
-		Retransmits: s.Info.Total_retrans,
-		SegmentsOut: s.Info.Segs_out,
-		SegmentsIn:  s.Info.Segs_in,
-	}, true
 }
 
 type attachment struct {
 	objs   tcpBPFObjects
 	links  []link.Link
 	dec    decoder
-	poller *poller // nil without periodic stats
+	poller *poller
 
 	opened *probes.Topic[ConnOpened]
 	closed *probes.Topic[ConnClosed]
@@ -172,9 +149,7 @@ func (a *attachment) handle(raw []byte) {
 	switch e.Kind {
 	case kindOpen:
 		ev := ConnOpened{Time: a.dec.boot(e.TsNs), Conn: a.dec.conn(e)}
-		if a.poller != nil {
-			a.poller.open(&ev.Conn, e)
-		}
+		a.poller.open(&ev.Conn, e)
 		a.opened.Publish(&ev)
 	case kindClose:
 		ev := ConnClosed{
@@ -183,9 +158,7 @@ func (a *attachment) handle(raw []byte) {
 			Stats:    stats(&e.Counts, e.RstSent, e.RstReceived),
 			Duration: time.Duration(e.TsNs - e.StartNs),
 		}
-		if a.poller != nil {
-			a.poller.close(&ev.Conn)
-		}
+		a.poller.close(&ev.Conn, &ev.Stats, ev.Time)
 		a.closed.Publish(&ev)
 	}
 }
@@ -216,7 +189,7 @@ func (a *attachment) Stats() (probes.Stats, error) {
 }
 
 func (a *attachment) Close() error {
-	if a.poller != nil {
+	if a.poller != nil { // nil when Attach failed before it started
 		a.poller.stop()
 	}
 	err := bpfload.CloseLinks(a.links)
