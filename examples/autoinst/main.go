@@ -25,6 +25,7 @@ import (
 
 	"github.com/flowmill/flowmill"
 	fmhttp "github.com/flowmill/flowmill/probes/http"
+	"github.com/flowmill/flowmill/probes/tcp"
 )
 
 func main() {
@@ -46,8 +47,10 @@ func main() {
 	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp, sdktrace.WithBatchTimeout(time.Second)))
 	otel.SetTracerProvider(tp)
 
+	// The TCP probe adds each connection's RTT and retransmissions to the
+	// server spans.
 	probe := fmhttp.New()
-	s, err := flowmill.Start(ctx, flowmill.WithProbes(probe))
+	s, err := flowmill.Start(ctx, flowmill.WithProbes(probe, tcp.New()))
 	if err != nil {
 		log.Fatal(err)
 	}

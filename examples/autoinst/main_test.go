@@ -88,6 +88,10 @@ func TestAutoinst(t *testing.T) {
 		Name        string
 		SpanContext struct{ TraceID, SpanID string }
 		Parent      struct{ TraceID, SpanID string }
+		Attributes  []struct {
+			Key   string
+			Value struct{ Value any }
+		}
 	}
 	spans := map[string][]span{}
 	dec := json.NewDecoder(&stdout)
@@ -105,6 +109,18 @@ func TestAutoinst(t *testing.T) {
 	}
 	if len(spans["GET /proxy"]) != 1 || len(spans["GET"]) != 1 {
 		t.Fatalf("spans: %v", spans)
+	}
+	// Server spans carry their connection's RTT, from the TCP probe.
+	for _, s := range spans["GET /users/{id}"] {
+		srtt := -1.0
+		for _, a := range s.Attributes {
+			if a.Key == "flowmill.tcp.srtt" {
+				srtt, _ = a.Value.Value.(float64)
+			}
+		}
+		if srtt <= 0 || srtt > 1 {
+			t.Errorf("span %s: flowmill.tcp.srtt %v, want the connection's RTT in seconds", s.Name, srtt)
+		}
 	}
 	p, c := spans["GET /proxy"][0], spans["GET"][0]
 	if p.SpanContext.TraceID != "4bf92f3577b34da6a3ce929d0e0e4736" || p.Parent.SpanID != "00f067aa0ba902b7" {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 	"time"
 
@@ -40,10 +41,14 @@ var durationBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5,
 // no exported span carries).
 func (p *Probe) Telemetry(env *probes.TelemetryEnv) (probes.Recorder, error) {
 	r := &recorder{
-		tracer:  env.Tracer,
-		pending: make(map[trace.SpanID][]pendingClient),
-		done:    make(map[trace.SpanID]doneServer),
+		tracer:      env.Tracer,
+		lastRetrans: make(map[netip.AddrPort]uint32),
+		pending:     make(map[trace.SpanID][]pendingClient),
+		done:        make(map[trace.SpanID]doneServer),
 	}
+	// With a TCP family in the session, server spans carry what the kernel
+	// knows of their connection.
+	r.tcp, _ = probes.Lookup[probes.TCPConns](env.Bus)
 	var opts []metric.Float64HistogramOption
 	if env.ExplicitBuckets {
 		opts = append(opts, metric.WithExplicitBucketBoundaries(durationBuckets...))
@@ -82,7 +87,50 @@ type recorder struct {
 	nPending         int
 	done             map[trace.SpanID]doneServer // event span ID -> exported span
 	doneOld, doneNew map[trace.SpanID]doneServer
+
+	tcp         probes.TCPConns           // nil without a TCP family
+	lastRetrans map[netip.AddrPort]uint32 // by peer: the connection's retransmits at its last request
 }
+
+// maxConns bounds lastRetrans; past it, the table starts over.
+const maxConns = 1 << 14
+
+// tcpAttrs returns what the TCP family knows of a served request's
+// connection when the request is recorded (at most the session's read
+// latency after the handler returned): its RTT, and the segments it
+// retransmitted since the previous request on the connection ended (or
+// since it opened), so that a slow request can be told apart from a slow
+// network.
+func (r *recorder) tcpAttrs(peer netip.AddrPort) []attribute.KeyValue {
+	if r.tcp == nil || !peer.IsValid() {
+		return nil
+	}
+	info, ok := r.tcp.TCPConn(netip.AddrPort{}, peer)
+	if !ok {
+		return nil
+	}
+	retrans := info.Retransmits
+	if last, ok := r.lastRetrans[peer]; ok && last <= retrans {
+		retrans -= last
+	}
+	if len(r.lastRetrans) >= maxConns {
+		clear(r.lastRetrans)
+	}
+	r.lastRetrans[peer] = info.Retransmits
+	return []attribute.KeyValue{
+		attribute.Float64(attrTCPSRTT, info.SRTT.Seconds()),
+		attribute.Float64(attrTCPMinRTT, info.MinRTT.Seconds()),
+		attribute.Int64(attrTCPRetransmits, int64(retrans)),
+	}
+}
+
+// Span attributes from the TCP family (see tcpAttrs); the names are those
+// of probes/tcp's connection spans.
+const (
+	attrTCPSRTT        = "flowmill.tcp.srtt"
+	attrTCPMinRTT      = "flowmill.tcp.min_rtt"
+	attrTCPRetransmits = "flowmill.tcp.retransmits"
+)
 
 type pendingClient struct {
 	c       ClientRequest
@@ -150,6 +198,7 @@ func (r *recorder) release() {
 	r.clients.Close()
 	clear(r.pending)
 	clear(r.done)
+	clear(r.lastRetrans)
 }
 
 func (r *recorder) recordServer(s *ServerRequest) {
@@ -189,6 +238,7 @@ func (r *recorder) recordServer(s *ServerRequest) {
 		attrs = append(attrs, semconv.NetworkPeerAddress(s.Peer.Addr().String()), semconv.NetworkPeerPort(int(s.Peer.Port())),
 			semconv.ClientAddress(s.Peer.Addr().String()))
 	}
+	attrs = append(attrs, r.tcpAttrs(s.Peer)...)
 	ctx, span := r.tracer.Start(ctx, name, trace.WithSpanKind(trace.SpanKindServer),
 		trace.WithTimestamp(s.Start), trace.WithAttributes(attrs...))
 	if s.StatusCode >= 500 {

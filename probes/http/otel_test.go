@@ -3,6 +3,7 @@ package http
 import (
 	"context"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 
@@ -102,5 +103,88 @@ func TestTelemetry(t *testing.T) {
 	}
 	if counts[metricServerDuration] != 1 || counts[metricClientDuration] != 2 {
 		t.Errorf("histogram counts %v", counts)
+	}
+}
+
+type fakeTCP struct {
+	mu    sync.Mutex
+	conns map[netip.AddrPort]probes.TCPConnInfo
+}
+
+func (f *fakeTCP) TCPConn(local, remote netip.AddrPort) (probes.TCPConnInfo, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	i, ok := f.conns[remote]
+	return i, ok && !local.IsValid()
+}
+
+func (f *fakeTCP) set(peer netip.AddrPort, i *probes.TCPConnInfo) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if i == nil {
+		delete(f.conns, peer)
+	} else {
+		f.conns[peer] = *i
+	}
+}
+
+// With a TCP family in the session, a server span carries its connection's
+// RTT and the retransmissions since the previous request on it.
+func TestTelemetryTCP(t *testing.T) {
+	bus := probes.NewBus()
+	servers := probes.Produce[ServerRequest](bus)
+	probes.Produce[ClientRequest](bus)
+	peer := netip.MustParseAddrPort("10.0.0.1:5555")
+	tcp := &fakeTCP{conns: map[netip.AddrPort]probes.TCPConnInfo{}}
+	tcp.set(peer, &probes.TCPConnInfo{SRTT: 1500 * time.Microsecond, MinRTT: time.Millisecond, Retransmits: 3})
+	probes.Provide[probes.TCPConns](bus, tcp)
+	sr := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(sr))
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(sdkmetric.NewManualReader()))
+	rec, err := New().Telemetry(&probes.TelemetryEnv{Bus: bus, Buffer: 16, Meter: mp.Meter("t"), Tracer: tp.Tracer("t")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	done := make(chan error)
+	go func() { done <- rec.Run(stop) }()
+	t0 := time.Unix(1000, 0)
+	req := func(path string) {
+		servers.Publish(&ServerRequest{Start: t0, End: t0.Add(time.Millisecond), Method: "GET", Path: path, Peer: peer, StatusCode: 200,
+			Span: SpanContext{TraceID: trace.TraceID{1}, SpanID: trace.SpanID{byte(len(path))}}})
+		time.Sleep(30 * time.Millisecond)
+	}
+	req("/a")
+	tcp.set(peer, &probes.TCPConnInfo{SRTT: 2 * time.Millisecond, MinRTT: time.Millisecond, Retransmits: 5})
+	req("/bb")
+	req("/ccc") // no new retransmissions
+	tcp.set(peer, nil)
+	req("/dddd") // connection unknown: no TCP attributes
+	close(stop)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][2]float64{"/a": {0.0015, 3}, "/bb": {0.002, 2}, "/ccc": {0.002, 0}}
+	spans := sr.Ended()
+	if len(spans) != 4 {
+		t.Fatalf("%d spans", len(spans))
+	}
+	for _, s := range spans {
+		got := map[attribute.Key]attribute.Value{}
+		for _, a := range s.Attributes() {
+			got[a.Key] = a.Value
+		}
+		path := got[semconv.URLPathKey].AsString()
+		w, ok := want[path]
+		srtt, has := got[attrTCPSRTT]
+		if !ok {
+			if has {
+				t.Errorf("%s: TCP attributes for an unknown connection", path)
+			}
+			continue
+		}
+		if !has || srtt.AsFloat64() != w[0] || got[attrTCPRetransmits].AsInt64() != int64(w[1]) || got[attrTCPMinRTT].AsFloat64() != 0.001 {
+			t.Errorf("%s: srtt %v retransmits %v, want %v", path, srtt, got[attrTCPRetransmits], w)
+		}
 	}
 }

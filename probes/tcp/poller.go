@@ -47,6 +47,10 @@ type poller struct {
 	recent recentlyClosed
 	seq    uint64
 
+	dumpMu   sync.Mutex
+	dumped   map[netip.AddrPort]probes.TCPConnInfo // the last dump, by remote address
+	dumpedAt time.Time
+
 	quit chan struct{}
 	done chan struct{}
 }
@@ -62,6 +66,7 @@ func newPoller(interval time.Duration, topic *probes.Topic[ConnStats]) (*poller,
 		topic:  topic,
 		flows:  make(map[tuple]openFlow),
 		byPeer: make(map[netip.AddrPort]tuple),
+		dumped: make(map[netip.AddrPort]probes.TCPConnInfo),
 		quit:   make(chan struct{}),
 		done:   make(chan struct{}),
 	}
@@ -123,24 +128,62 @@ func (p *poller) stop() {
 
 // TCPConn implements probes.TCPConns: the counters of a connection now, or
 // its final ones if it closed within the last recentFor. A zero local
-// address matches any open connection to remote.
+// address matches any connection to remote.
 func (p *poller) TCPConn(local, remote netip.AddrPort) (probes.TCPConnInfo, bool) {
 	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
-	p.mu.Lock()
-	k, ok := tuple{local, remote}, true
-	if !local.IsValid() {
-		k, ok = p.byPeer[remote]
-	}
-	p.mu.Unlock()
-	if ok {
-		if s, err := sockdiag.Get(k.local, k.remote); err == nil {
+	if local.IsValid() {
+		if s, err := sockdiag.Get(local, remote); err == nil {
 			return infoOf(s.Info), true
 		}
+	} else if info, ok := p.byRemote(remote); ok {
+		return info, true
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.recent.find(local, remote, time.Now())
 }
+
+// byRemote finds an open connection by its remote address alone: among the
+// flows the probe knows, else in a dump of the namespace's sockets (the
+// probe reads its records on a timer, so a connection opened moments ago
+// may not be known yet). Dumps are rate-limited to one per dumpEvery.
+func (p *poller) byRemote(remote netip.AddrPort) (probes.TCPConnInfo, bool) {
+	p.mu.Lock()
+	k, ok := p.byPeer[remote]
+	p.mu.Unlock()
+	if ok {
+		s, err := sockdiag.Get(k.local, k.remote)
+		if err == nil {
+			return infoOf(s.Info), true
+		}
+		return probes.TCPConnInfo{}, false
+	}
+	p.dumpMu.Lock()
+	defer p.dumpMu.Unlock()
+	if info, ok := p.dumped[remote]; ok {
+		return info, true
+	}
+	if time.Since(p.dumpedAt) < dumpEvery {
+		return probes.TCPConnInfo{}, false
+	}
+	clear(p.dumped)
+	p.dumpedAt = time.Now()
+	err := sockdiag.Dump(func(s *sockdiag.Socket) {
+		if s.Info != nil && s.State == sockdiag.StateEstablished && len(p.dumped) < maxDumped {
+			p.dumped[s.Remote] = infoOf(s.Info)
+		}
+	})
+	if err != nil {
+		return probes.TCPConnInfo{}, false
+	}
+	info, ok := p.dumped[remote]
+	return info, ok
+}
+
+const (
+	dumpEvery = 20 * time.Millisecond
+	maxDumped = 1 << 16
+)
 
 func infoOf(ti *unix.TCPInfo) probes.TCPConnInfo {
 	return probes.TCPConnInfo{
