@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package sockdiag reads the kernel's tcp_info of TCP sockets through
 // NETLINK_SOCK_DIAG: the interface ss uses, so the numbers are exactly the
 // ones ss -ti shows. It reads the network namespace of the calling thread.
