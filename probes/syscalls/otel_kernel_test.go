@@ -23,10 +23,6 @@ import (
 func TestExporterCountsSyscalls(t *testing.T) {
 	bin := buildSysloop(t)
 	s := start(t, syscalls.New(syscalls.WithInterval(50*time.Millisecond)))
-	sub, err := flowmill.Subscribe[syscalls.Counts](s, flowmill.WithBuffer(1<<16))
-	if err != nil {
-		t.Fatal(err)
-	}
 	reader := sdkmetric.NewManualReader()
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
 	t.Cleanup(func() { _ = mp.Shutdown(context.Background()) })
@@ -35,6 +31,14 @@ func TestExporterCountsSyscalls(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { exp.Close() })
+	// Subscribed after the exporter, the test receives each Counts after
+	// the exporter's channel holds it (the bus hands an event to its
+	// subscribers in order): once the test has the final Counts, Shutdown
+	// records it.
+	sub, err := flowmill.Subscribe[syscalls.Counts](s, flowmill.WithBuffer(1<<16))
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	cmd := exec.Command(bin, "1000", "300")
 	cmd.Env = append(os.Environ(), "GODEBUG=asyncpreemptoff=1")
@@ -64,7 +68,6 @@ func TestExporterCountsSyscalls(t *testing.T) {
 			t.Fatal("no final Counts for the helper")
 		}
 	}
-	// The exporter received the final Counts too; Shutdown records it.
 	if err := exp.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
 	}
