@@ -136,9 +136,10 @@ type Exporter struct {
 //	exp, err := flowmill.NewExporter(s)
 //	defer exp.Shutdown(context.Background())
 //
-// Every family of the session that implements probes.Telemetry (tcp does)
-// maps its own events; families without a mapping are left out. The
-// exporter stops when the session ends, or on Shutdown or Close.
+// Every family of the session that implements probes.Telemetry (tcp,
+// process and syscalls do) maps its own events; families without a mapping
+// are left out. The exporter stops when the session ends, or on Shutdown
+// or Close.
 func NewExporter(s *Session, opts ...ExporterOption) (*Exporter, error) {
 	c := exporterConfig{attrs: DefaultAttributes, buffer: 4096}
 	for _, o := range opts {
