@@ -169,7 +169,8 @@ func Start(ctx context.Context, opts ...Option) (*Session, error) {
 	return s, nil
 }
 
-// Close detaches and unloads every probe and closes all subscriptions'
+// Close reads the events the kernel has already produced and delivers them,
+// then detaches and unloads every probe and closes all subscriptions'
 // channels. It is idempotent and safe to call from any goroutine; every call
 // returns the same error.
 func (s *Session) Close() error {
@@ -188,10 +189,14 @@ func (s *Session) Done() <-chan struct{} { return s.done }
 
 func (s *Session) teardown() error {
 	var errs []error
+	// Deliver what the kernel produced before Close, then stop.
+	for _, rd := range s.readers {
+		errs = append(errs, rd.Stop())
+	}
+	s.wg.Wait()
 	for _, rd := range s.readers {
 		errs = append(errs, rd.Close())
 	}
-	s.wg.Wait()
 	for _, a := range s.atts {
 		if err := a.att.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("closing probe %s: %w", a.name, err))

@@ -3,6 +3,7 @@ package flowmill_test
 import (
 	"context"
 	"errors"
+	"net"
 	"sync"
 	"testing"
 	"time"
@@ -87,5 +88,45 @@ func TestSubscribeUnproduced(t *testing.T) {
 	st, err := s.Stats()
 	if err != nil || st.EventsLost != 0 {
 		t.Fatalf("Stats: %+v, %v", st, err)
+	}
+}
+
+// Close delivers the events the kernel produced before it was called, even
+// when the reader has not been woken for them yet.
+func TestCloseDeliversPending(t *testing.T) {
+	testutil.RequireBPF(t)
+	s, err := flowmill.Start(context.Background(), flowmill.WithProbes(tcp.New()), flowmill.WithMaxLatency(time.Hour))
+	testutil.CheckStart(t, err)
+	t.Cleanup(func() { s.Close() })
+	closed, err := flowmill.Subscribe[tcp.ConnClosed](s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	sc.Close()
+	time.Sleep(100 * time.Millisecond) // both sockets destroyed; records wait in the ring
+	if len(closed.Events()) != 0 {
+		t.Fatal("events delivered before a wake-up or a drain: the test proves nothing")
+	}
+	s.Close()
+	n := 0
+	for range closed.Events() {
+		n++
+	}
+	if n != 2 {
+		t.Errorf("Close delivered %d close events, want 2", n)
 	}
 }

@@ -10,10 +10,11 @@ import (
 // Bus routes typed events from probes to subscribers. There is one topic per
 // event type.
 type Bus struct {
-	mu     sync.Mutex
-	topics map[reflect.Type]topic
-	closed bool
-	drops  atomic.Uint64
+	mu       sync.Mutex
+	topics   map[reflect.Type]topic
+	services map[reflect.Type]any // see Provide
+	closed   bool
+	drops    atomic.Uint64
 }
 
 type topic interface{ close() }

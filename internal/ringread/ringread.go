@@ -20,6 +20,7 @@ type Reader struct {
 	interval time.Duration
 	handle   func([]byte)
 	read     *atomic.Uint64
+	stopping atomic.Bool
 }
 
 // New opens a reader on m. Each record is passed to handle, valid only for
@@ -32,7 +33,8 @@ func New(m *ebpf.Map, interval time.Duration, handle func([]byte), read *atomic.
 	return &Reader{rd: rd, interval: interval, handle: handle, read: read}, nil
 }
 
-// Run reads until Close. It returns nil after Close and the error otherwise.
+// Run reads until Stop or Close. It returns nil then, and the error
+// otherwise.
 func (r *Reader) Run() error {
 	var rec ringbuf.Record
 	r.rd.SetDeadline(time.Now().Add(r.interval))
@@ -44,6 +46,10 @@ func (r *Reader) Run() error {
 			r.read.Add(1)
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			r.rd.SetDeadline(time.Now().Add(r.interval))
+		case errors.Is(err, ringbuf.ErrFlushed):
+			if r.stopping.Load() {
+				return nil // everything submitted before Stop was read
+			}
 		case errors.Is(err, ringbuf.ErrClosed):
 			return nil
 		default:
@@ -52,7 +58,14 @@ func (r *Reader) Run() error {
 	}
 }
 
-// Close stops Run and releases the reader. Safe to call more than once.
+// Stop makes Run read every record already in the ring buffer, then
+// return. Records the kernel submits after Stop may not be read.
+func (r *Reader) Stop() error {
+	r.stopping.Store(true)
+	return r.rd.Flush()
+}
+
+// Close stops Run at once and releases the reader. Safe to call more than once.
 func (r *Reader) Close() error {
 	err := r.rd.Close()
 	if errors.Is(err, os.ErrClosed) {

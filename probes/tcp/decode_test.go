@@ -41,6 +41,7 @@ func testAttachment(bus *probes.Bus) *attachment {
 		opened: probes.Produce[ConnOpened](bus),
 		closed: probes.Produce[ConnClosed](bus),
 		stats:  probes.Produce[ConnStats](bus),
+		poller: &poller{flows: map[tuple]openFlow{}, byPeer: map[netip.AddrPort]tuple{}},
 	}
 }
 
@@ -178,4 +179,28 @@ func BenchmarkDecode(b *testing.B) {
 	}
 	_ = sink
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds()/1e6, "Mevents/s")
+}
+
+func TestRecentlyClosed(t *testing.T) {
+	var r recentlyClosed
+	t0 := time.Unix(1000, 0)
+	a := tuple{netip.MustParseAddrPort("127.0.0.1:80"), netip.MustParseAddrPort("127.0.0.1:5000")}
+	b := tuple{netip.MustParseAddrPort("127.0.0.1:81"), netip.MustParseAddrPort("127.0.0.1:5000")}
+	r.add(a, probes.TCPConnInfo{Retransmits: 1}, t0)
+	r.add(b, probes.TCPConnInfo{Retransmits: 2}, t0.Add(time.Second))
+	if i, ok := r.find(netip.AddrPort{}, a.remote, t0.Add(2*time.Second)); !ok || i.Retransmits != 2 {
+		t.Errorf("by peer: %+v %v, want the newest", i, ok)
+	}
+	if i, ok := r.find(a.local, a.remote, t0.Add(2*time.Second)); !ok || i.Retransmits != 1 {
+		t.Errorf("by tuple: %+v %v", i, ok)
+	}
+	if _, ok := r.find(a.local, a.remote, t0.Add(recentFor+time.Millisecond)); ok {
+		t.Error("found an entry older than recentFor")
+	}
+	for i := range recentMax + 10 {
+		r.add(a, probes.TCPConnInfo{}, t0.Add(time.Hour+time.Duration(i)))
+	}
+	if len(r.entries) != recentMax {
+		t.Errorf("%d entries, bound %d", len(r.entries), recentMax)
+	}
 }

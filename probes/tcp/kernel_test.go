@@ -3,6 +3,9 @@ package tcp
 import (
 	"io"
 	"net"
+	"net/netip"
+	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -11,11 +14,17 @@ import (
 
 	"github.com/flowmill/flowmill/internal/bpfload"
 	"github.com/flowmill/flowmill/internal/kclock"
+	"github.com/flowmill/flowmill/internal/ringread"
 	"github.com/flowmill/flowmill/internal/testutil"
 	"github.com/flowmill/flowmill/probes"
 )
 
 func attachForTest(t testing.TB, scope probes.Scope) *attachment {
+	a, _ := attachWithBus(t, scope)
+	return a
+}
+
+func attachWithBus(t testing.TB, scope probes.Scope) (*attachment, *probes.Bus) {
 	t.Helper()
 	testutil.RequireBPF(t)
 	testutil.CheckStart(t, bpfload.Check())
@@ -23,7 +32,78 @@ func attachForTest(t testing.TB, scope probes.Scope) *attachment {
 	env := &probes.Env{Scope: scope, Bus: probes.NewBus(), RingSize: 1 << 20, WakeupBytes: 64 << 10, BootTime: clock.Time}
 	att, err := New(WithStatsInterval(0)).Attach(env)
 	testutil.CheckStart(t, err)
-	return att.(*attachment)
+	return att.(*attachment), env.Bus
+}
+
+// The probe offers other families a connection's current counters, and
+// they are the socket's own.
+func TestTCPConnsService(t *testing.T) {
+	a, bus := attachWithBus(t, probes.Scope{Kind: probes.ScopeProcess, PID: uint32(unix.Getpid())})
+	defer a.Close()
+	var read atomic.Uint64
+	for _, r := range a.Rings() {
+		rd, err := ringread.New(r.Map, 10*time.Millisecond, r.Handle, &read)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go rd.Run()
+		defer rd.Close()
+	}
+	svc, ok := probes.Lookup[probes.TCPConns](bus)
+	if !ok {
+		t.Fatal("the TCP probe provides no probes.TCPConns")
+	}
+	ln, err := net.Listen("tcp", ":0") // dual stack: the accepted side is IPv6, v4-mapped
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			io.Copy(io.Discard, c)
+			c.Close()
+		}
+	}()
+	c, err := net.Dial("tcp4", "127.0.0.1:"+strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(make([]byte, 100000))
+	time.Sleep(50 * time.Millisecond)
+	local, remote := c.LocalAddr().(*net.TCPAddr).AddrPort(), c.RemoteAddr().(*net.TCPAddr).AddrPort()
+	mine, ok := svc.TCPConn(local, remote)
+	if !ok {
+		t.Fatalf("client side %v -> %v not found", local, remote)
+	}
+	if _, ok := svc.TCPConn(remote, local); !ok {
+		t.Fatalf("server side %v -> %v not found", remote, local)
+	}
+	// By the peer alone, as an HTTP server knows it: the probe must have
+	// seen the connection open (its records are read on a timer).
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		if _, ok := svc.TCPConn(netip.AddrPort{}, local); ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server side not found by its peer %v", local)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	raw, _ := c.(*net.TCPConn).SyscallConn()
+	var info *unix.TCPInfo
+	raw.Control(func(fd uintptr) { info, err = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mine.SegmentsOut != info.Segs_out || mine.SRTT != time.Duration(info.Rtt)*time.Microsecond {
+		t.Errorf("service says %+v; getsockopt says segs_out %d rtt %dus", mine, info.Segs_out, info.Rtt)
+	}
+	if _, ok := svc.TCPConn(local, netip.AddrPortFrom(remote.Addr(), 1)); ok {
+		t.Error("found a connection that does not exist")
+	}
 }
 
 func programs(a *attachment) []*ebpf.Program {
@@ -35,17 +115,9 @@ func programs(a *attachment) []*ebpf.Program {
 // created is gone from the kernel afterwards.
 func TestCloseLeavesNothing(t *testing.T) {
 	a := attachForTest(t, probes.Scope{Kind: probes.ScopeHost})
-	var progs []ebpf.ProgramID
-	for _, p := range programs(a) {
-		info, err := p.Info()
-		if err != nil {
-			t.Fatal(err)
-		}
-		id, _ := info.ID()
-		progs = append(progs, id)
-	}
+	progs := programIDs(t, a)
 	var maps []ebpf.MapID
-	for _, m := range []*ebpf.Map{a.objs.Events, a.objs.Flows, a.objs.Listeners, a.objs.Counters} {
+	for _, m := range []*ebpf.Map{a.objs.Events, a.objs.Flows, a.objs.Listeners, a.objs.Counters, a.objs.Snaps} {
 		info, err := m.Info()
 		if err != nil {
 			t.Fatal(err)
@@ -56,22 +128,9 @@ func TestCloseLeavesNothing(t *testing.T) {
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
-	// The kernel frees programs and maps once the last reference is gone;
-	// that can take an RCU grace period.
+	testutil.ProgramsGone(t, progs)
+	// Maps go when the programs that use them are freed.
 	deadline := time.Now().Add(5 * time.Second)
-	for _, id := range progs {
-		for {
-			p, err := ebpf.NewProgramFromID(id)
-			if err != nil {
-				break
-			}
-			p.Close()
-			if time.Now().After(deadline) {
-				t.Fatalf("program %d still loaded after Close", id)
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
 	for _, id := range maps {
 		for {
 			m, err := ebpf.NewMapFromID(id)
@@ -87,18 +146,37 @@ func TestCloseLeavesNothing(t *testing.T) {
 	}
 }
 
+func programIDs(t testing.TB, a *attachment) []ebpf.ProgramID {
+	t.Helper()
+	var ids []ebpf.ProgramID
+	for _, p := range programs(a) {
+		info, err := p.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := info.ID()
+		ids = append(ids, id)
+	}
+	return ids
+}
+
 // BenchmarkKernelCost measures what each program costs per hit in the
 // kernel (BPF_ENABLE_STATS: run time and run count), driven by loopback
 // connections that each move a little data. b.N is the number of
-// connections.
+// connections. "observed": the connections are in the session's scope (two
+// flows per connection, each opened, snapshotted and reported); "other":
+// they belong to a process outside the scope, the cost every other
+// process's connection pays for the filter.
 func BenchmarkKernelCost(b *testing.B) {
-	a := attachForTest(b, probes.Scope{Kind: probes.ScopeProcess, PID: uint32(unix.Getpid())})
+	b.Run("observed", func(b *testing.B) { kernelCost(b, uint32(unix.Getpid())) })
+	b.Run("other", func(b *testing.B) { kernelCost(b, 1) })
+}
+
+func kernelCost(b *testing.B, pid uint32) {
+	a := attachForTest(b, probes.Scope{Kind: probes.ScopeProcess, PID: pid})
 	defer a.Close()
-	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
-	if err != nil {
-		testutil.Unavailable(b, "BPF_ENABLE_STATS: %v", err)
-	}
-	defer stats.Close()
+	testutil.EnableRunStats(b)
+	ids := programIDs(b, a)
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
@@ -114,7 +192,7 @@ func BenchmarkKernelCost(b *testing.B) {
 			c.Close()
 		}
 	}()
-	before := progStats(b, a)
+	before := testutil.RunStats(b, ids)
 	for b.Loop() {
 		c, err := net.Dial("tcp4", ln.Addr().String())
 		if err != nil {
@@ -125,10 +203,10 @@ func BenchmarkKernelCost(b *testing.B) {
 	}
 	b.StopTimer()
 	time.Sleep(50 * time.Millisecond) // let the last closes run
-	after := progStats(b, a)
+	after := testutil.RunStats(b, ids)
 	var runs, ns uint64
 	for name, s := range after {
-		r, t := s[0]-before[name][0], s[1]-before[name][1]
+		r, t := s.RunCount-before[name].RunCount, uint64(s.Runtime-before[name].Runtime)
 		runs += r
 		ns += t
 		if r > 0 {
@@ -137,20 +215,4 @@ func BenchmarkKernelCost(b *testing.B) {
 	}
 	b.ReportMetric(float64(runs)/float64(b.N), "hits/conn")
 	b.ReportMetric(float64(ns)/float64(b.N), "kernel-ns/conn")
-}
-
-func progStats(b *testing.B, a *attachment) map[string][2]uint64 {
-	out := map[string][2]uint64{}
-	for _, p := range programs(a) {
-		info, err := p.Info()
-		if err != nil {
-			b.Fatal(err)
-		}
-		st, err := p.Stats()
-		if err != nil {
-			b.Fatal(err)
-		}
-		out[info.Name] = [2]uint64{st.RunCount, uint64(st.Runtime)}
-	}
-	return out
 }

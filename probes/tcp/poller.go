@@ -3,7 +3,6 @@ package tcp
 import (
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"sync"
@@ -11,10 +10,10 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/flowmill/flowmill/internal/kclock"
+	"github.com/flowmill/flowmill/internal/sockdiag"
 	"github.com/flowmill/flowmill/probes"
 )
 
@@ -31,36 +30,51 @@ type openFlow struct {
 	seq          uint64 // when it was opened, in poller.seq units
 }
 
-// poller sends ConnStats for open connections. It learns them from the
-// ConnOpened/ConnClosed records and reads their counters from the kernel's
-// tcp_info with a sock_diag dump: the same numbers ss -ti shows, read with
-// no work per packet. Only connections in the session's own network
-// namespace can be read this way.
+// poller keeps the open connections of the session's network namespace,
+// learnt from the ConnOpened/ConnClosed records, and, with a stats
+// interval, sends their ConnStats: it reads their counters from the
+// kernel's tcp_info with a sock_diag dump, the same numbers ss -ti shows,
+// with no work per packet. Connections in other namespaces cannot be read
+// this way. It also answers other families' questions about connections
+// (probes.TCPConns).
 type poller struct {
 	netns uint32
 	topic *probes.Topic[ConnStats]
 
-	mu    sync.Mutex
-	flows map[tuple]openFlow
-	seq   uint64
+	mu     sync.Mutex
+	flows  map[tuple]openFlow
+	byPeer map[netip.AddrPort]tuple // the open flows, by remote address
+	recent recentlyClosed
+	seq    uint64
+
+	dumpMu   sync.Mutex
+	dumped   map[netip.AddrPort]probes.TCPConnInfo // the last dump, by remote address
+	dumpedAt time.Time
 
 	quit chan struct{}
 	done chan struct{}
 }
 
+// newPoller starts the poller; interval 0 sends no ConnStats.
 func newPoller(interval time.Duration, topic *probes.Topic[ConnStats]) (*poller, error) {
 	ns, err := netnsInode("/proc/self/ns/net")
 	if err != nil {
 		return nil, err
 	}
 	p := &poller{
-		netns: ns,
-		topic: topic,
-		flows: make(map[tuple]openFlow),
-		quit:  make(chan struct{}),
-		done:  make(chan struct{}),
+		netns:  ns,
+		topic:  topic,
+		flows:  make(map[tuple]openFlow),
+		byPeer: make(map[netip.AddrPort]tuple),
+		dumped: make(map[netip.AddrPort]probes.TCPConnInfo),
+		quit:   make(chan struct{}),
+		done:   make(chan struct{}),
 	}
-	go p.run(interval)
+	if interval > 0 {
+		go p.run(interval)
+	} else {
+		close(p.done)
+	}
 	return p, nil
 }
 
@@ -78,6 +92,7 @@ func (p *poller) open(c *Conn, e *tcpBPFTcpEvent) {
 	}
 	p.mu.Lock()
 	p.seq++
+	p.byPeer[c.Remote] = tuple{c.Local, c.Remote}
 	p.flows[tuple{c.Local, c.Remote}] = openFlow{
 		conn:         *c,
 		startNS:      e.StartNs,
@@ -88,17 +103,149 @@ func (p *poller) open(c *Conn, e *tcpBPFTcpEvent) {
 	p.mu.Unlock()
 }
 
-func (p *poller) close(c *Conn) {
+func (p *poller) close(c *Conn, st *Stats, at time.Time) {
+	k := tuple{c.Local, c.Remote}
 	p.mu.Lock()
-	if f, ok := p.flows[tuple{c.Local, c.Remote}]; ok && f.conn.ID == c.ID {
-		delete(p.flows, tuple{c.Local, c.Remote})
+	if f, ok := p.flows[k]; ok && f.conn.ID == c.ID {
+		p.forget(k)
+		p.recent.add(k, connInfo(st), at)
 	}
 	p.mu.Unlock()
+}
+
+// forget removes an open flow; p.mu is held.
+func (p *poller) forget(k tuple) {
+	delete(p.flows, k)
+	if p.byPeer[k.remote] == k {
+		delete(p.byPeer, k.remote)
+	}
 }
 
 func (p *poller) stop() {
 	close(p.quit)
 	<-p.done
+}
+
+// TCPConn implements probes.TCPConns: the counters of a connection now, or
+// its final ones if it closed within the last recentFor. A zero local
+// address matches any connection to remote.
+func (p *poller) TCPConn(local, remote netip.AddrPort) (probes.TCPConnInfo, bool) {
+	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
+	if local.IsValid() {
+		if s, err := sockdiag.Get(local, remote); err == nil {
+			return infoOf(s.Info), true
+		}
+	} else if info, ok := p.byRemote(remote); ok {
+		return info, true
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.recent.find(local, remote, time.Now())
+}
+
+// byRemote finds an open connection by its remote address alone: among the
+// flows the probe knows, else in a dump of the namespace's sockets (the
+// probe reads its records on a timer, so a connection opened moments ago
+// may not be known yet). Dumps are rate-limited to one per dumpEvery.
+func (p *poller) byRemote(remote netip.AddrPort) (probes.TCPConnInfo, bool) {
+	p.mu.Lock()
+	k, ok := p.byPeer[remote]
+	p.mu.Unlock()
+	if ok {
+		s, err := sockdiag.Get(k.local, k.remote)
+		if err == nil {
+			return infoOf(s.Info), true
+		}
+		return probes.TCPConnInfo{}, false
+	}
+	p.dumpMu.Lock()
+	defer p.dumpMu.Unlock()
+	if info, ok := p.dumped[remote]; ok {
+		return info, true
+	}
+	if time.Since(p.dumpedAt) < dumpEvery {
+		return probes.TCPConnInfo{}, false
+	}
+	clear(p.dumped)
+	p.dumpedAt = time.Now()
+	err := sockdiag.Dump(func(s *sockdiag.Socket) {
+		if s.Info != nil && s.State == sockdiag.StateEstablished && len(p.dumped) < maxDumped {
+			p.dumped[s.Remote] = infoOf(s.Info)
+		}
+	})
+	if err != nil {
+		return probes.TCPConnInfo{}, false
+	}
+	info, ok := p.dumped[remote]
+	return info, ok
+}
+
+const (
+	dumpEvery = 20 * time.Millisecond
+	maxDumped = 1 << 16
+)
+
+func infoOf(ti *unix.TCPInfo) probes.TCPConnInfo {
+	return probes.TCPConnInfo{
+		SRTT:        usec(ti.Rtt),
+		RTTVar:      usec(ti.Rttvar),
+		MinRTT:      usec(ti.Min_rtt),
+		Retransmits: ti.Total_retrans,
+		SegmentsOut: ti.Segs_out,
+		SegmentsIn:  ti.Segs_in,
+	}
+}
+
+func connInfo(st *Stats) probes.TCPConnInfo {
+	return probes.TCPConnInfo{
+		SRTT: st.SRTT, RTTVar: st.RTTVar, MinRTT: st.MinRTT,
+		Retransmits: st.Retransmits, SegmentsOut: st.SegmentsOut, SegmentsIn: st.SegmentsIn,
+	}
+}
+
+// recentlyClosed remembers the final counters of connections that closed in
+// the last recentFor, so that a family asking just after the close (an HTTP
+// request answered with Connection: close) still gets them. Bounded.
+type recentlyClosed struct {
+	entries []closedFlow // oldest first
+}
+
+type closedFlow struct {
+	k    tuple
+	info probes.TCPConnInfo
+	at   time.Time
+}
+
+const (
+	recentFor = 10 * time.Second
+	recentMax = 4096
+)
+
+func (r *recentlyClosed) add(k tuple, info probes.TCPConnInfo, at time.Time) {
+	r.prune(at)
+	if len(r.entries) == recentMax {
+		r.entries = r.entries[1:]
+	}
+	r.entries = append(r.entries, closedFlow{k, info, at})
+}
+
+func (r *recentlyClosed) prune(now time.Time) {
+	i := 0
+	for i < len(r.entries) && now.Sub(r.entries[i].at) > recentFor {
+		i++
+	}
+	r.entries = r.entries[i:]
+}
+
+func (r *recentlyClosed) find(local, remote netip.AddrPort, now time.Time) (probes.TCPConnInfo, bool) {
+	r.prune(now)
+	for i := len(r.entries) - 1; i >= 0; i-- {
+		e := &r.entries[i]
+		if e.k.remote == remote && (!local.IsValid() || e.k.local == local) {
+			return e.info, true
+		}
+	}
+	return probes.TCPConnInfo{}, false
 }
 
 func (p *poller) run(interval time.Duration) {
@@ -123,34 +270,35 @@ func (p *poller) report() {
 	if n == 0 {
 		return
 	}
-	var infos []*netlink.InetDiagTCPInfoResp
-	for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		r, err := netlink.SocketDiagTCPInfo(fam)
-		if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return // transient; the next tick tries again
+	type reading struct {
+		k     tuple
+		state uint8
+		info  unix.TCPInfo
+	}
+	var got []reading // read without the lock: a dump can take a while
+	if err := sockdiag.Dump(func(s *sockdiag.Socket) {
+		if s.Info != nil {
+			got = append(got, reading{tuple{s.Local, s.Remote}, s.State, *s.Info})
 		}
-		infos = append(infos, r...)
+	}); err != nil {
+		return // transient; the next tick tries again
 	}
 	now, mono := time.Now(), kclock.Now()
 
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	seen := make(map[tuple]bool, len(p.flows))
-	for _, r := range infos {
-		if r.TCPInfo == nil || r.InetDiagMsg == nil {
-			continue
-		}
-		id := r.InetDiagMsg.ID
-		k := tuple{diagAddr(id.Source, id.SourcePort), diagAddr(id.Destination, id.DestinationPort)}
-		f, ok := p.flows[k]
+	for i := range got {
+		r := &got[i]
+		f, ok := p.flows[r.k]
 		if !ok {
 			continue
 		}
-		seen[k] = true
+		seen[r.k] = true
 		ev := ConnStats{
 			Time:     now,
 			Conn:     f.conn,
-			Stats:    infoStats(r.TCPInfo, r.InetDiagMsg.State, &f),
+			Stats:    infoStats(&r.info, r.state, &f),
 			Duration: time.Duration(mono - f.startNS),
 		}
 		p.topic.Publish(&ev)
@@ -159,33 +307,20 @@ func (p *poller) report() {
 	// close record (its entry was evicted from the kernel's flow map).
 	for k, f := range p.flows {
 		if f.seq <= before && !seen[k] {
-			delete(p.flows, k)
+			p.forget(k)
 		}
 	}
 }
 
-func diagAddr(ip net.IP, port uint16) netip.AddrPort {
-	a, _ := netip.AddrFromSlice(ip)
-	return netip.AddrPortFrom(a.Unmap(), port)
-}
-
-// TCP states as sock_diag reports them.
-const (
-	stateFinWait2  = 5
-	stateCloseWait = 8
-	stateLastAck   = 9
-	stateClosing   = 11
-)
-
 // infoStats converts tcp_info into Stats counted like the kernel side does:
 // from the values at establishment, without the FINs.
-func infoStats(ti *netlink.TCPInfo, state uint8, f *openFlow) Stats {
+func infoStats(ti *unix.TCPInfo, state uint8, f *openFlow) Stats {
 	sent := ti.Bytes_acked - f.baseAcked
-	if state == stateFinWait2 && sent > 0 { // our FIN was acknowledged
+	if state == sockdiag.StateFinWait2 && sent > 0 { // our FIN was acknowledged
 		sent--
 	}
 	recv := ti.Bytes_received - f.baseReceived
-	if (state == stateCloseWait || state == stateLastAck || state == stateClosing) && recv > 0 {
+	if (state == sockdiag.StateCloseWait || state == sockdiag.StateLastAck || state == sockdiag.StateClosing) && recv > 0 {
 		recv-- // the peer's FIN was received
 	}
 	return Stats{

@@ -81,11 +81,17 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 		return nil, fmt.Errorf("tcp: %w", err)
 	}
 	spec.Maps["flows"].MaxEntries = p.maxFlows
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, fmt.Errorf("tcp: %w", err)
+	}
 	a := &attachment{
 		dec:    decoder{boot: env.BootTime},
 		opened: probes.Produce[ConnOpened](env.Bus),
 		closed: probes.Produce[ConnClosed](env.Bus),
 		stats:  probes.Produce[ConnStats](env.Bus),
+		// Twice the per-CPU reserve, to be safe.
+		evictFloor: int64(p.maxFlows) - min(int64(p.maxFlows)/2, 2*128*int64(cpus)),
 	}
 	if err := bpfload.Load(spec, env, &a.objs, func() *ebpf.Map { return a.objs.ScopeCgroup }); err != nil {
 		return nil, fmt.Errorf("tcp: %w", err)
@@ -106,12 +112,11 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 		a.objs.Close()
 		return nil, fmt.Errorf("tcp: %w", err)
 	}
-	if p.interval > 0 {
-		if a.poller, err = newPoller(p.interval, a.stats); err != nil {
-			a.Close()
-			return nil, fmt.Errorf("tcp: %w", err)
-		}
+	if a.poller, err = newPoller(p.interval, a.stats); err != nil {
+		a.Close()
+		return nil, fmt.Errorf("tcp: %w", err)
 	}
+	probes.Provide[probes.TCPConns](env.Bus, a.poller)
 	return a, nil
 }
 
@@ -119,14 +124,15 @@ type attachment struct {
 	objs   tcpBPFObjects
 	links  []link.Link
 	dec    decoder
-	poller *poller // nil without periodic stats
+	poller *poller
 
 	opened *probes.Topic[ConnOpened]
 	closed *probes.Topic[ConnClosed]
 	stats  *probes.Topic[ConnStats]
 
-	statsMu sync.Mutex
-	evicted uint64 // highest eviction count reported, so it never goes back
+	statsMu    sync.Mutex
+	evicted    uint64 // highest eviction count reported, so it never goes back
+	evictFloor int64  // below this many live flows the LRU cannot have evicted
 }
 
 func (a *attachment) Rings() []probes.Ring {
@@ -143,9 +149,7 @@ func (a *attachment) handle(raw []byte) {
 	switch e.Kind {
 	case kindOpen:
 		ev := ConnOpened{Time: a.dec.boot(e.TsNs), Conn: a.dec.conn(e)}
-		if a.poller != nil {
-			a.poller.open(&ev.Conn, e)
-		}
+		a.poller.open(&ev.Conn, e)
 		a.opened.Publish(&ev)
 	case kindClose:
 		ev := ConnClosed{
@@ -154,9 +158,7 @@ func (a *attachment) handle(raw []byte) {
 			Stats:    stats(&e.Counts, e.RstSent, e.RstReceived),
 			Duration: time.Duration(e.TsNs - e.StartNs),
 		}
-		if a.poller != nil {
-			a.poller.close(&ev.Conn)
-		}
+		a.poller.close(&ev.Conn, &ev.Stats, ev.Time)
 		a.closed.Publish(&ev)
 	}
 }
@@ -166,22 +168,28 @@ func (a *attachment) Stats() (probes.Stats, error) {
 	if err != nil {
 		return probes.Stats{}, err
 	}
-	live, err := countKeys(a.objs.Flows)
-	if err != nil {
-		return probes.Stats{}, err
-	}
-	// Every flow inserted is either still in the map, removed by our
-	// programs, or evicted by the LRU.
 	a.statsMu.Lock()
 	defer a.statsMu.Unlock()
-	if n := int64(c[ctrFlowNew]) - int64(c[ctrFlowDone]) - int64(live); n > int64(a.evicted) {
-		a.evicted = uint64(n)
+	// Every flow inserted is still in the map, removed by our programs, or
+	// evicted by the LRU. Counting the map's entries costs a syscall per
+	// entry, so it is done only when the map may be full enough to evict:
+	// the kernel's LRU evicts once its free nodes run out, and each CPU
+	// may hold a batch of them (LOCAL_FREE_TARGET, 128) in reserve.
+	inserted, removed := int64(c[ctrFlowNew]), int64(c[ctrFlowDone])
+	if inserted-removed-int64(a.evicted) >= a.evictFloor {
+		live, err := countKeys(a.objs.Flows)
+		if err != nil {
+			return probes.Stats{}, err
+		}
+		if n := inserted - removed - int64(live); n > int64(a.evicted) {
+			a.evicted = uint64(n)
+		}
 	}
 	return probes.Stats{Lost: c[ctrLost] + c[ctrListenerFull], Evicted: a.evicted}, nil
 }
 
 func (a *attachment) Close() error {
-	if a.poller != nil {
+	if a.poller != nil { // nil when Attach failed before it started
 		a.poller.stop()
 	}
 	err := bpfload.CloseLinks(a.links)

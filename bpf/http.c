@@ -1,0 +1,642 @@
+//go:build ignore
+
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * HTTP server and client spans of the calling Go program, from uprobes on
+ * its own executable.
+ *
+ *   net/http.serverHandler.ServeHTTP   one call per request served over
+ *                                      HTTP/1 (the connection goroutine)
+ *   net/http.(*Transport).roundTrip     one call per request sent (and per
+ *                                      redirect or retry)
+ *
+ * Each function has one probe after its stack check (see goexe) and one on
+ * every RET: two hits per request. No uretprobes: they corrupt Go stacks.
+ *
+ * Go ABIInternal on amd64: arguments and results in RAX, RBX, RCX, RDI,
+ * RSI, R8..R11; the current goroutine's g in R14. State between entry and
+ * return is kept per goroutine (its ID, read from g), as a goroutine can
+ * move between threads.
+ *
+ * Struct field offsets are not guessed: user space reads them from the
+ * types compiled into the very program (reflect, unsafe.Offsetof) and sets
+ * them in "off" before loading.
+ */
+#include "flowmill.h"
+
+#define METHOD_MAX 16
+#define HOST_MAX 64
+#define PEER_MAX 48
+#define PATH_MAX_ 128
+#define ROUTE_MAX 128
+#define TP_LEN 55           /* 00-<32 hex>-<16 hex>-<2 hex> */
+#define HDR_SCAN 4096       /* request header bytes searched for traceparent */
+#define HDR_BUF (2 * HDR_SCAN)
+#define CTX_DEPTH 8         /* context.Context parents followed */
+#define OBJ_MAX 512         /* bytes of a Go struct copied at once */
+
+enum http_kind {
+	HTTP_SERVER = 1,
+	HTTP_CLIENT = 2,
+};
+
+enum http_flags {
+	HTTP_F_REMOTE_PARENT = 1 << 0, /* parent from a traceparent header */
+	HTTP_F_SAMPLED = 1 << 1,       /* traceparent's sampled flag */
+	HTTP_F_PARENT_CTX = 1 << 2,    /* client: parent found via the request context */
+	HTTP_F_PARENT_G = 1 << 3,      /* client: parent found via the goroutine */
+	HTTP_F_HIJACKED = 1 << 4,      /* server: the handler hijacked the connection */
+};
+
+/* Family counters (see FM_CTR_FAMILY). */
+enum {
+	HTTP_CTR_UNSUPPORTED = FM_CTR_FAMILY, /* served by another ResponseWriter (HTTP/2) */
+};
+
+/* Field offsets of the program's own net/http, net/url and bufio types. */
+struct http_offsets {
+	__u64 req_method;          /* http.Request.Method (string) */
+	__u64 req_url;             /* http.Request.URL (*url.URL) */
+	__u64 req_host;            /* http.Request.Host (string) */
+	__u64 req_remote_addr;     /* http.Request.RemoteAddr (string) */
+	__u64 req_content_length;  /* http.Request.ContentLength (int64) */
+	__u64 req_pattern;         /* http.Request.Pattern (string) */
+	__u64 req_ctx;             /* http.Request.ctx (context.Context) */
+	__u64 url_host;            /* url.URL.Host (string) */
+	__u64 url_path;            /* url.URL.Path (string) */
+	__u64 resp_conn;           /* http.response.conn (*http.conn) */
+	__u64 resp_status;         /* http.response.status (int) */
+	__u64 resp_written;        /* http.response.written (int64) */
+	__u64 conn_bufr;           /* http.conn.bufr (*bufio.Reader) */
+	__u64 conn_hijacked;       /* http.conn.hijackedv (bool) */
+	__u64 bufio_buf;           /* bufio.Reader.buf ([]byte) */
+	__u64 bufio_r;             /* bufio.Reader.r (int) */
+	__u64 response_status;     /* http.Response.StatusCode (int) */
+	__u64 response_length;     /* http.Response.ContentLength (int64) */
+	__u64 resp_itab;           /* itab of (*http.response, http.ResponseWriter) */
+	__u64 goid;                /* runtime.g.goid; ~0: none known */
+	__u64 req_size;            /* bytes of http.Request read at once (<= OBJ_MAX) */
+	__u64 url_size;            /* bytes of url.URL read at once (<= OBJ_MAX) */
+	__u64 resp_lo;             /* first byte of http.response read at return */
+	__u64 ctx_walk;            /* 1: every std Context keeps its parent first */
+};
+
+volatile const struct http_offsets off = {};
+
+struct http_event {
+	__u64 start_ns;
+	__u64 end_ns;
+	__u64 goid;
+	__u64 span_id;
+	__u64 parent_span_id;
+	__u8 trace_id[16];
+	__s64 req_length;  /* Request.ContentLength: -1 unknown */
+	__s64 resp_length; /* server: body bytes written; client: Response.ContentLength */
+	__u64 err_itab;    /* client: itab of the error returned, 0 if none */
+	__u32 pid;
+	__u32 tid;
+	__u16 status;
+	__u8 kind;
+	__u8 flags;
+	__u8 method_len;
+	__u8 host_len;
+	__u8 peer_len;
+	__u8 pad;
+	__u16 path_len;
+	__u16 route_len;
+	__u32 pad2;
+	char method[METHOD_MAX];
+	char host[HOST_MAX];
+	char peer[PEER_MAX];
+	char path[PATH_MAX_];
+	char route[ROUTE_MAX];
+};
+
+struct server_state {
+	struct http_event ev;
+	__u64 req;
+	__u64 resp;
+	__u64 ctx; /* the request context's data pointer */
+};
+
+struct span_ctx {
+	__u8 trace_id[16];
+	__u64 span_id;
+};
+
+/* Requests being served, by goroutine. LRU: entries whose RET never comes
+ * (a handler that panics) are pushed out; user space also expires them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct server_state);
+} servers SEC(".maps");
+
+/* The same requests by their context, for clients called with it (or a
+ * context derived from it) on another goroutine. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct span_ctx);
+} server_ctxs SEC(".maps");
+
+/* Requests being sent, by goroutine. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct http_event);
+} clients SEC(".maps");
+
+/* Scratch space: these values are too large for the BPF stack. */
+struct scratch {
+	struct server_state s;
+	char req[OBJ_MAX + 16];
+	char url[OBJ_MAX + 16];
+	char hdr[HDR_BUF];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} scratch SEC(".maps");
+
+/* Keep the types in the object's BTF for bpf2go -type. */
+const struct http_event *unused_http_event __attribute__((unused));
+const struct http_offsets *unused_http_offsets __attribute__((unused));
+
+struct gostr {
+	const char *ptr;
+	__s64 len;
+};
+
+static __always_inline __u64 read_u64(__u64 addr)
+{
+	__u64 v = 0;
+
+	bpf_probe_read_user(&v, sizeof(v), (const void *)addr);
+	return v;
+}
+
+/*
+ * Every bpf_probe_read_user costs a few hundred nanoseconds on a VM, more
+ * than anything else here: structs are copied once (obj_read) and their
+ * fields taken from the copy (obj_u64, obj_str).
+ */
+static __always_inline int obj_read(char *dst, __u64 size, __u64 addr)
+{
+	if (size > OBJ_MAX)
+		size = OBJ_MAX;
+	return bpf_probe_read_user(dst, size, (const void *)addr);
+}
+
+static __always_inline __u64 obj_u64(const char *obj, __u64 o)
+{
+	__u64 v;
+
+	__builtin_memcpy(&v, obj + (o & (OBJ_MAX - 1)), sizeof(v));
+	return v;
+}
+
+/* obj_str copies at most cap bytes of the Go string at offset o of obj. */
+static __always_inline __u32 obj_str(char *dst, __u32 cap, const char *obj, __u64 o)
+{
+	__u64 p = obj_u64(obj, o);
+	__s64 len = obj_u64(obj, o + 8);
+	__u64 n;
+
+	if (!p || len <= 0)
+		return 0;
+	n = len;
+	if (n > cap)
+		n = cap;
+	if (bpf_probe_read_user(dst, n, (const void *)p))
+		return 0;
+	return n;
+}
+
+/* read_gostr copies at most cap bytes of the Go string at addr. */
+static __always_inline __u32 read_gostr(char *dst, __u32 cap, __u64 addr)
+{
+	struct gostr s = {};
+	__u64 n;
+
+	if (bpf_probe_read_user(&s, sizeof(s), (const void *)addr) || s.len <= 0)
+		return 0;
+	n = s.len;
+	if (n > cap)
+		n = cap;
+	if (bpf_probe_read_user(dst, n, s.ptr))
+		return 0;
+	return n;
+}
+
+/* State between entry and return is keyed by the goroutine's g (R14): no
+ * read needed. A g is reused after its goroutine exits, but an entry can
+ * only be consumed by a return on the goroutine that made it, as a return
+ * always follows its own entry on the same goroutine, which overwrites any
+ * entry left by a dead goroutine (one whose handler panicked). */
+static __always_inline __u64 gkey(struct pt_regs *ctx)
+{
+	return ctx->r14;
+}
+
+/* goid reads the goroutine ID, which, unlike g, is never reused. */
+static __always_inline __u64 goid(struct pt_regs *ctx)
+{
+	if (off.goid == ~0ULL)
+		return 0;
+	return read_u64(ctx->r14 + off.goid);
+}
+
+static __always_inline __u64 rand64(void)
+{
+	__u64 v = ((__u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
+
+	return v ? v : 1;
+}
+
+static __always_inline void new_trace(__u8 id[16])
+{
+	__u64 a = rand64(), b = rand64();
+
+	__builtin_memcpy(id, &a, 8);
+	__builtin_memcpy(id + 8, &b, 8);
+}
+
+/* ---- traceparent ---- */
+
+struct scan {
+	const char *buf;
+	__u32 n;
+	__s32 found; /* offset of the value of the last traceparent, or -1 */
+};
+
+static __always_inline char at(const char *buf, __u32 i)
+{
+	return buf[i & (HDR_BUF - 1)];
+}
+
+static __always_inline void scan_at(struct scan *c, __u32 i)
+{
+	const char *b = c->buf;
+	const char name[] = "traceparent:";
+
+	if (i >= c->n || at(b, i) != '\n')
+		return;
+	/* A blank line before the end closes an earlier request's header
+	 * (pipelining): what was found belongs to that request. */
+	if ((at(b, i + 1) == '\n' && i + 2 < c->n) ||
+	    (at(b, i + 1) == '\r' && at(b, i + 2) == '\n' && i + 3 < c->n)) {
+		c->found = -1;
+		return;
+	}
+	if (i + 1 + sizeof(name) - 1 + TP_LEN > c->n)
+		return;
+#pragma unroll
+	for (int k = 0; k < sizeof(name) - 1; k++) {
+		if ((at(b, i + 1 + k) | 0x20) != name[k])
+			return;
+	}
+	c->found = i + sizeof(name);
+}
+
+/* scan_word looks at 8 bytes at once and only looks closer at words that
+ * hold a newline (the classic "has zero byte" test on word ^ '\n'x8). */
+static long scan_word(__u32 w, void *data)
+{
+	struct scan *c = data;
+	__u32 i = w * 8;
+	__u64 x;
+
+	__builtin_memcpy(&x, c->buf + (i & (HDR_BUF - 1)), 8);
+	x ^= 0x0a0a0a0a0a0a0a0aULL;
+	if (!((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL))
+		return 0;
+#pragma unroll
+	for (int k = 0; k < 8; k++)
+		scan_at(c, i + k);
+	return 0;
+}
+
+static __always_inline int hexval(char ch)
+{
+	if (ch >= '0' && ch <= '9')
+		return ch - '0';
+	if (ch >= 'a' && ch <= 'f')
+		return ch - 'a' + 10;
+	return -1;
+}
+
+/* parse_traceparent parses "00-<trace id>-<parent id>-<flags>" at v. */
+static __always_inline int parse_traceparent(const char *b, __u32 v, __u32 n,
+					     struct http_event *e)
+{
+	__u64 span = 0;
+	int hi, lo;
+
+	if (at(b, v) == 'f' && at(b, v + 1) == 'f')
+		return -1;
+	if (hexval(at(b, v)) < 0 || hexval(at(b, v + 1)) < 0 || at(b, v + 2) != '-' ||
+	    at(b, v + 35) != '-' || at(b, v + 52) != '-')
+		return -1;
+	/* Version 00 is exactly 55 characters. */
+	if (at(b, v) == '0' && at(b, v + 1) == '0' && v + TP_LEN < n) {
+		char end = at(b, v + TP_LEN);
+
+		if (end != '\r' && end != '\n' && end != ' ' && end != '\t')
+			return -1;
+	}
+	__u64 any = 0;
+#pragma unroll
+	for (int k = 0; k < 16; k++) {
+		hi = hexval(at(b, v + 3 + 2 * k));
+		lo = hexval(at(b, v + 4 + 2 * k));
+		if (hi < 0 || lo < 0)
+			return -1;
+		e->trace_id[k] = hi << 4 | lo;
+		any |= e->trace_id[k];
+	}
+#pragma unroll
+	for (int k = 0; k < 16; k++) {
+		hi = hexval(at(b, v + 36 + k));
+		if (hi < 0)
+			return -1;
+		span = span << 4 | hi;
+	}
+	hi = hexval(at(b, v + 53));
+	lo = hexval(at(b, v + 54));
+	if (!any || !span || hi < 0 || lo < 0)
+		return -1;
+	/* Span IDs travel big-endian in hex; keep them as the number. */
+	e->parent_span_id = span;
+	e->flags |= HTTP_F_REMOTE_PARENT;
+	if (lo & 1)
+		e->flags |= HTTP_F_SAMPLED;
+	return 0;
+}
+
+/* incoming_parent looks for a traceparent header in the bytes the server
+ * read for this request: the connection's bufio.Reader buffer up to its
+ * read position holds the request line and headers just parsed. */
+static __always_inline int incoming_parent(struct scratch *sc, __u64 resp,
+					   struct http_event *e)
+{
+	__u64 conn = read_u64(resp + off.resp_conn);
+	__u64 bufr, buf;
+	__u64 n;
+	struct scan c = {};
+
+	if (!conn)
+		return -1;
+	bufr = read_u64(conn + off.conn_bufr);
+	if (!bufr || obj_read(sc->url, 64, bufr))
+		return -1;
+	buf = obj_u64(sc->url, off.bufio_buf);
+	n = obj_u64(sc->url, off.bufio_r);
+	if (!buf || (__s64)n <= 0)
+		return -1;
+	if (n > HDR_SCAN)
+		n = HDR_SCAN;
+	if (bpf_probe_read_user(sc->hdr, n, (const void *)buf))
+		return -1;
+	c.buf = sc->hdr;
+	c.n = n;
+	c.found = -1;
+	bpf_loop((n + 7) / 8, scan_word, &c, 0);
+	if (c.found < 0)
+		return -1;
+	__u32 v = c.found;
+	for (int k = 0; k < 2; k++) {
+		char ch = at(sc->hdr, v);
+
+		if (ch == ' ' || ch == '\t')
+			v++;
+	}
+	if (v + TP_LEN > n)
+		return -1;
+	return parse_traceparent(sc->hdr, v, n, e);
+}
+
+/* ---- server ---- */
+
+SEC("uprobe")
+int server_enter(struct pt_regs *ctx)
+{
+	__u32 zero = 0;
+	struct scratch *sc;
+	struct server_state *s;
+	struct http_event *e;
+	__u64 key, req, url, id;
+
+	/* ServeHTTP(rw ResponseWriter, req *Request): RBX, RCX = rw; RDI = req. */
+	if (ctx->bx != off.resp_itab) {
+		fm_count(HTTP_CTR_UNSUPPORTED);
+		return 0;
+	}
+	sc = bpf_map_lookup_elem(&scratch, &zero);
+	if (!sc)
+		return 0;
+	s = &sc->s;
+	e = &s->ev;
+	key = gkey(ctx);
+	req = ctx->di;
+	if (obj_read(sc->req, off.req_size, req))
+		return 0;
+	s->req = req;
+	s->resp = ctx->cx;
+	s->ctx = obj_u64(sc->req, off.req_ctx + 8);
+
+	e->start_ns = bpf_ktime_get_ns();
+	e->end_ns = 0;
+	e->goid = goid(ctx);
+	id = bpf_get_current_pid_tgid();
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->kind = HTTP_SERVER;
+	e->flags = 0;
+	e->status = 0;
+	e->err_itab = 0;
+	e->resp_length = 0;
+	e->route_len = 0;
+	e->req_length = obj_u64(sc->req, off.req_content_length);
+	e->method_len = obj_str(e->method, METHOD_MAX, sc->req, off.req_method);
+	e->host_len = obj_str(e->host, HOST_MAX, sc->req, off.req_host);
+	e->peer_len = obj_str(e->peer, PEER_MAX, sc->req, off.req_remote_addr);
+	url = obj_u64(sc->req, off.req_url);
+	e->path_len = 0;
+	if (url && !obj_read(sc->url, off.url_size, url))
+		e->path_len = obj_str(e->path, PATH_MAX_, sc->url, off.url_path);
+	e->span_id = rand64();
+	e->parent_span_id = 0;
+	if (incoming_parent(sc, s->resp, e) < 0) {
+		e->flags = 0;
+		e->parent_span_id = 0;
+		new_trace(e->trace_id);
+	}
+	bpf_map_update_elem(&servers, &key, s, BPF_ANY);
+	if (s->ctx && off.ctx_walk) {
+		struct span_ctx sp = { .span_id = e->span_id };
+
+		__builtin_memcpy(sp.trace_id, e->trace_id, 16);
+		bpf_map_update_elem(&server_ctxs, &s->ctx, &sp, BPF_ANY);
+	}
+	return 0;
+}
+
+SEC("uprobe")
+int server_return(struct pt_regs *ctx)
+{
+	__u64 key = gkey(ctx);
+	struct server_state *s = bpf_map_lookup_elem(&servers, &key);
+	struct http_event *e;
+	__u64 rctx, conn;
+	char r[64];
+
+	if (!s)
+		return 0;
+	rctx = s->ctx;
+	e = fm_reserve(sizeof(*e));
+	if (e) {
+		*e = s->ev;
+		e->end_ns = bpf_ktime_get_ns();
+		/* status and written are near each other: one read. */
+		if (!bpf_probe_read_user(r, sizeof(r), (const void *)(s->resp + off.resp_lo))) {
+			__u64 so = (off.resp_status - off.resp_lo) & 63;
+			__u64 wo = (off.resp_written - off.resp_lo) & 63;
+			__u64 v;
+
+			if (so <= 56) {
+				__builtin_memcpy(&v, r + so, 8);
+				e->status = v;
+			}
+			if (wo <= 56) {
+				__builtin_memcpy(&v, r + wo, 8);
+				e->resp_length = v;
+			}
+		}
+		e->route_len = read_gostr(e->route, ROUTE_MAX, s->req + off.req_pattern);
+		if (!e->status) {
+			conn = read_u64(s->resp + off.resp_conn);
+			if (conn && (read_u64(conn + off.conn_hijacked) & 0xff))
+				e->flags |= HTTP_F_HIJACKED;
+		}
+		fm_submit(e, sizeof(*e));
+	}
+	bpf_map_delete_elem(&servers, &key);
+	if (rctx)
+		bpf_map_delete_elem(&server_ctxs, &rctx);
+	return 0;
+}
+
+/* ---- client ---- */
+
+SEC("uprobe")
+int client_enter(struct pt_regs *ctx)
+{
+	__u32 zero = 0;
+	struct scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
+	struct http_event *e;
+	struct span_ctx *p = NULL;
+	__u64 key, req, url, id;
+
+	if (!sc)
+		return 0;
+	e = &sc->s.ev;
+	key = gkey(ctx);
+	/* roundTrip(t *Transport, req *Request): RAX = t, RBX = req. */
+	req = ctx->bx;
+	if (obj_read(sc->req, off.req_size, req))
+		return 0;
+
+	e->start_ns = bpf_ktime_get_ns();
+	e->end_ns = 0;
+	e->goid = goid(ctx);
+	id = bpf_get_current_pid_tgid();
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->kind = HTTP_CLIENT;
+	e->flags = 0;
+	e->status = 0;
+	e->err_itab = 0;
+	e->resp_length = 0;
+	e->peer_len = 0;
+	e->route_len = 0;
+	e->req_length = obj_u64(sc->req, off.req_content_length);
+	e->method_len = obj_str(e->method, METHOD_MAX, sc->req, off.req_method);
+	url = obj_u64(sc->req, off.req_url);
+	e->host_len = 0;
+	e->path_len = 0;
+	if (url && !obj_read(sc->url, off.url_size, url)) {
+		e->host_len = obj_str(e->host, HOST_MAX, sc->url, off.url_host);
+		e->path_len = obj_str(e->path, PATH_MAX_, sc->url, off.url_path);
+	}
+	e->span_id = rand64();
+	e->parent_span_id = 0;
+
+	/* The parent: a request being served whose context the client's
+	 * context is, or derives from (any goroutine); else the request the
+	 * calling goroutine is serving. */
+	if (off.ctx_walk) {
+		__u64 c = obj_u64(sc->req, off.req_ctx + 8);
+
+		for (int i = 0; i < CTX_DEPTH && c; i++) {
+			p = bpf_map_lookup_elem(&server_ctxs, &c);
+			if (p) {
+				e->flags |= HTTP_F_PARENT_CTX;
+				__builtin_memcpy(e->trace_id, p->trace_id, 16);
+				e->parent_span_id = p->span_id;
+				break;
+			}
+			/* Every std Context embeds its parent as its first
+			 * field: the interface's data word is at +8. */
+			c = read_u64(c + 8);
+		}
+	}
+	if (!p) {
+		struct server_state *s = bpf_map_lookup_elem(&servers, &key);
+
+		/* The same g, and the same goroutine (g is reused; without a
+		 * goroutine ID, 0 == 0 and the g alone decides). */
+		if (s && s->ev.goid == e->goid) {
+			e->flags |= HTTP_F_PARENT_G;
+			__builtin_memcpy(e->trace_id, s->ev.trace_id, 16);
+			e->parent_span_id = s->ev.span_id;
+		} else {
+			new_trace(e->trace_id);
+		}
+	}
+	bpf_map_update_elem(&clients, &key, e, BPF_ANY);
+	return 0;
+}
+
+SEC("uprobe")
+int client_return(struct pt_regs *ctx)
+{
+	__u64 key = gkey(ctx);
+	struct http_event *s = bpf_map_lookup_elem(&clients, &key);
+	struct http_event *e;
+	__u64 resp;
+
+	if (!s)
+		return 0;
+	e = fm_reserve(sizeof(*e));
+	if (e) {
+		*e = *s;
+		e->end_ns = bpf_ktime_get_ns();
+		/* Results: RAX = *Response; RBX, RCX = error. */
+		resp = ctx->ax;
+		if (resp) {
+			e->status = read_u64(resp + off.response_status);
+			e->resp_length = read_u64(resp + off.response_length);
+		}
+		e->err_itab = ctx->bx;
+		fm_submit(e, sizeof(*e));
+	}
+	bpf_map_delete_elem(&clients, &key);
+	return 0;
+}

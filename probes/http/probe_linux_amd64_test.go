@@ -1,0 +1,466 @@
+package http_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/flowmill/flowmill/internal/testutil"
+	fmhttp "github.com/flowmill/flowmill/probes/http"
+)
+
+// child is testdata/server running with the probe: the spans it reports
+// arrive on servers and clients.
+type child struct {
+	addr    string
+	status  fmhttp.Status
+	servers chan fmhttp.ServerRequest
+	clients chan fmhttp.ClientRequest
+}
+
+type line struct {
+	Listen string                `json:"listen"`
+	Error  string                `json:"error"`
+	Status *fmhttp.Status        `json:"status"`
+	Server *fmhttp.ServerRequest `json:"server"`
+	Client *fmhttp.ClientRequest `json:"client"`
+}
+
+var (
+	buildMu sync.Mutex
+	built   = map[string]string{}
+)
+
+// build compiles testdata/server with the given -ldflags, once per test
+// binary.
+func build(t testing.TB, ldflags string) string {
+	t.Helper()
+	buildMu.Lock()
+	defer buildMu.Unlock()
+	if bin, ok := built[ldflags]; ok {
+		return bin
+	}
+	dir, err := os.MkdirTemp("", "flowmill-http-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "server")
+	cmd := exec.Command("go", "build", "-ldflags="+ldflags, "-o", bin, "./testdata/server")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building the test server: %v\n%s", err, out)
+	}
+	built[ldflags] = bin
+	return bin
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	for _, bin := range built {
+		os.RemoveAll(filepath.Dir(bin))
+	}
+	os.Exit(code)
+}
+
+// start runs the test server built with ldflags and waits until it serves.
+func start(t testing.TB, ldflags string, args ...string) *child {
+	t.Helper()
+	testutil.RequireBPF(t)
+	bin := build(t, ldflags)
+	cmd := exec.Command(bin, args...)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+	c := &child{servers: make(chan fmhttp.ServerRequest, 1<<14), clients: make(chan fmhttp.ClientRequest, 1<<14)}
+	ready := make(chan error, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			var l line
+			if os.Getenv("FMDEBUG") != "" {
+				fmt.Fprintln(os.Stderr, "child:", sc.Text())
+			}
+			if err := json.Unmarshal(sc.Bytes(), &l); err != nil {
+				t.Errorf("test server wrote a bad line %q: %v", sc.Text(), err)
+				continue
+			}
+			switch {
+			case l.Error != "":
+				ready <- fmt.Errorf("%s", l.Error)
+				return
+			case l.Status != nil:
+				c.status = *l.Status
+			case l.Listen != "":
+				c.addr = l.Listen
+				ready <- nil
+			case l.Server != nil:
+				c.servers <- *l.Server
+			case l.Client != nil:
+				c.clients <- *l.Client
+			}
+		}
+		ready <- fmt.Errorf("test server exited: %v", sc.Err())
+	}()
+	select {
+	case err := <-ready:
+		if err != nil {
+			if strings.Contains(err.Error(), "insufficient privileges") || strings.Contains(err.Error(), "not supported") || strings.Contains(err.Error(), "BTF") {
+				testutil.Unavailable(t, "%v", err)
+			}
+			t.Fatalf("test server: %v", err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("test server did not start within 60s")
+	}
+	return c
+}
+
+func (c *child) url(path string) string { return "http://" + c.addr + path }
+
+// nServers collects n server spans, then makes sure no extra one follows.
+func (c *child) nServers(t *testing.T, n int) []fmhttp.ServerRequest {
+	t.Helper()
+	var out []fmhttp.ServerRequest
+	timeout := time.After(20 * time.Second)
+	for len(out) < n {
+		select {
+		case s := <-c.servers:
+			out = append(out, s)
+		case <-timeout:
+			t.Fatalf("got %d server spans, want %d", len(out), n)
+		}
+	}
+	select {
+	case s := <-c.servers:
+		t.Fatalf("extra server span %+v", s)
+	case <-time.After(300 * time.Millisecond):
+	}
+	return out
+}
+
+func (c *child) nClients(t *testing.T, n int) []fmhttp.ClientRequest {
+	t.Helper()
+	var out []fmhttp.ClientRequest
+	timeout := time.After(20 * time.Second)
+	for len(out) < n {
+		select {
+		case s := <-c.clients:
+			out = append(out, s)
+		case <-timeout:
+			t.Fatalf("got %d client spans, want %d", len(out), n)
+		}
+	}
+	select {
+	case s := <-c.clients:
+		t.Fatalf("extra client span %+v", s)
+	case <-time.After(300 * time.Millisecond):
+	}
+	return out
+}
+
+// curl runs curl and returns the status and the local port it used.
+func curl(t *testing.T, args ...string) (status, port int) {
+	t.Helper()
+	out, err := exec.Command("curl", append([]string{"-s", "-o", "/dev/null", "-w", "%{http_code} %{local_port}"}, args...)...).Output()
+	if err != nil {
+		t.Fatalf("curl %v: %v", args, err)
+	}
+	if _, err := fmt.Sscan(string(out), &status, &port); err != nil {
+		t.Fatalf("curl output %q: %v", out, err)
+	}
+	return status, port
+}
+
+var builds = []struct{ name, ldflags string }{
+	{"default", ""},
+	{"stripped", "-s -w"},
+}
+
+// TestServerSpans: every request, from curl and from a Go client, yields
+// exactly one span with the right method, path, route, status, peer and a
+// duration containing the handler's sleep.
+func TestServerSpans(t *testing.T) {
+	testutil.Need(t, exec.LookPath, "curl")
+	for _, b := range builds {
+		t.Run(b.name, func(t *testing.T) {
+			c := start(t, b.ldflags)
+			if !c.status.Server || !c.status.Client {
+				t.Fatalf("status %+v: want server and client instrumented", c.status)
+			}
+			type want struct {
+				method, path, route string
+				status              int
+				port                int
+				minDur              time.Duration
+				reqBody, respBody   int64
+			}
+			wants := map[string]want{}
+			for _, r := range []struct {
+				path, route string
+				status      int
+				body        int64
+			}{
+				{"/hello", "/hello", 200, 6},
+				{"/users/42", "/users/{id}", 200, 8},
+				{"/fail", "/fail", 500, 7},
+				{"/nope", "", 404, 19},
+				{"/empty", "/empty", 200, 0},
+			} {
+				code, port := curl(t, c.url(r.path))
+				if code != r.status {
+					t.Fatalf("curl %s: %d", r.path, code)
+				}
+				wants[r.path] = want{"GET", r.path, r.route, r.status, port, 0, 0, r.body}
+			}
+			code, port := curl(t, c.url("/sleep/80"))
+			wants["/sleep/80"] = want{"GET", "/sleep/80", "/sleep/{ms}", code, port, 80 * time.Millisecond, 0, 0}
+			code, port = curl(t, "-d", "0123456789", c.url("/echo"))
+			wants["/echo"] = want{"POST", "/echo", "/echo", code, port, 0, 10, 10}
+			// A Go client on one keep-alive connection.
+			var local string
+			tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				conn, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+				if err == nil {
+					local = conn.LocalAddr().String()
+				}
+				return conn, err
+			}}
+			defer tr.CloseIdleConnections()
+			for i := range 3 {
+				path := fmt.Sprintf("/users/go%d", i)
+				resp, err := (&http.Client{Transport: tr}).Get(c.url(path))
+				if err != nil {
+					t.Fatal(err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				_, p, _ := net.SplitHostPort(local)
+				port, _ := strconv.Atoi(p)
+				wants[path] = want{"GET", path, "/users/{id}", 200, port, 0, 0, int64(len("user go0\n"))}
+			}
+			spans := c.nServers(t, len(wants))
+			for _, s := range spans {
+				w, ok := wants[s.Path]
+				if !ok {
+					t.Errorf("unexpected span %+v", s)
+					continue
+				}
+				delete(wants, s.Path)
+				if s.Method != w.method || s.Route != w.route || s.StatusCode != w.status || int(s.Peer.Port()) != w.port || !s.Peer.Addr().IsLoopback() {
+					t.Errorf("span %s %s route %q status %d peer %v; want %s route %q status %d port %d", s.Method, s.Path, s.Route, s.StatusCode, s.Peer, w.method, w.route, w.status, w.port)
+				}
+				if d := s.Duration(); d < w.minDur || d > w.minDur+2*time.Second {
+					t.Errorf("%s: duration %v, want at least %v", s.Path, d, w.minDur)
+				}
+				if s.RequestBodySize != w.reqBody || s.ResponseBodySize != w.respBody {
+					t.Errorf("%s: body sizes %d/%d, want %d/%d", s.Path, s.RequestBodySize, s.ResponseBodySize, w.reqBody, w.respBody)
+				}
+				if !s.Span.TraceID.IsValid() || !s.Span.SpanID.IsValid() || s.Span.ParentSpanID.IsValid() || s.Span.RemoteParent {
+					t.Errorf("%s: span context %+v, want a new root span", s.Path, s.Span)
+				}
+			}
+			if len(wants) > 0 {
+				t.Errorf("no span for %v", wants)
+			}
+		})
+	}
+}
+
+// TestTraceparent: a request carrying a W3C traceparent yields a span in
+// that trace, child of that span.
+func TestTraceparent(t *testing.T) {
+	testutil.Need(t, exec.LookPath, "curl")
+	c := start(t, "-s -w")
+	const tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+	curl(t, "-H", "traceparent: "+tp, c.url("/hello"))
+	curl(t, "-H", "TraceParent:"+strings.Replace(tp, "-01", "-00", 1), "-H", "X-Other: 1", c.url("/users/1"))
+	curl(t, "-H", "traceparent: 00-zzz-bad", c.url("/fail"))
+	req, _ := http.NewRequest("GET", c.url("/proxy"), nil)
+	req.Header.Set("Traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	// /proxy makes a request to /hello: 5 server spans, 1 client span.
+	byPath := map[string]fmhttp.ServerRequest{}
+	for _, s := range c.nServers(t, 5) {
+		if s.Path == "/hello" && !s.Span.RemoteParent {
+			byPath["/hello (proxied)"] = s
+			continue
+		}
+		byPath[s.Path] = s
+	}
+	check := func(path, trace, parent string, sampled bool) {
+		t.Helper()
+		s := byPath[path]
+		if s.Span.TraceID.String() != trace || s.Span.ParentSpanID.String() != parent || !s.Span.RemoteParent || s.Span.Sampled != sampled {
+			t.Errorf("%s: span %+v, want trace %s parent %s sampled %v", path, s.Span, trace, parent, sampled)
+		}
+	}
+	check("/hello", "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", true)
+	check("/users/1", "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", false)
+	check("/proxy", "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", true)
+	if s := byPath["/fail"]; s.Span.RemoteParent || s.Span.ParentSpanID.IsValid() {
+		t.Errorf("malformed traceparent: span %+v, want a root", s.Span)
+	}
+	cl := c.nClients(t, 1)[0]
+	if cl.Span.TraceID.String() != "0af7651916cd43dd8448eb211c80319c" || cl.Span.ParentSpanID != byPath["/proxy"].Span.SpanID {
+		t.Errorf("client span %+v is not a child of the /proxy span %+v", cl.Span, byPath["/proxy"].Span)
+	}
+}
+
+// TestClientSpans: an outgoing request made by a handler is a child of the
+// handler's span, found by goroutine (/proxy) or by context from another
+// goroutine (/fanout); a failed request reports its error type.
+func TestClientSpans(t *testing.T) {
+	c := start(t, "")
+	for _, p := range []string{"/proxy", "/fanout", "/refused"} {
+		resp, err := http.Get(c.url(p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
+	servers := map[trace.SpanID]fmhttp.ServerRequest{}
+	for _, s := range c.nServers(t, 5) { // 3 + 2 proxied /hello
+		servers[s.Span.SpanID] = s
+	}
+	for _, cl := range c.nClients(t, 3) {
+		parent, ok := servers[cl.Span.ParentSpanID]
+		if !ok || parent.Span.TraceID != cl.Span.TraceID {
+			t.Errorf("client %s%s: parent %v not a server span of its trace", cl.Host, cl.Path, cl.Span.ParentSpanID)
+			continue
+		}
+		if !parent.Start.Before(cl.Start) || cl.End.After(parent.End) {
+			t.Errorf("client %s: [%v, %v] not within its parent [%v, %v]", cl.Path, cl.Start, cl.End, parent.Start, parent.End)
+		}
+		switch parent.Path {
+		case "/proxy", "/fanout":
+			want := map[string]fmhttp.ParentLink{"/proxy": fmhttp.ParentByGoroutine, "/fanout": fmhttp.ParentByContext}[parent.Path]
+			if cl.Method != "GET" || cl.Host != c.addr || cl.Path != "/hello" || cl.StatusCode != 200 || cl.Error != "" || cl.Parent != want {
+				t.Errorf("client under %s: %+v", parent.Path, cl)
+			}
+		case "/refused":
+			if cl.Host != "127.0.0.1:1" || cl.StatusCode != 0 || cl.Error != "*net.OpError" || cl.Parent != fmhttp.ParentByContext {
+				t.Errorf("refused client: %+v", cl)
+			}
+		default:
+			t.Errorf("client span under %s", parent.Path)
+		}
+	}
+}
+
+// TestConcurrent: hundreds of concurrent requests, each tagged with its own
+// traceparent; every span must carry its own request's path and status,
+// and each proxied client span must be the child of its own server span.
+func TestConcurrent(t *testing.T) {
+	c := start(t, "")
+	const n = 400
+	tr := &http.Transport{MaxIdleConnsPerHost: 100}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr}
+	type want struct {
+		path   string
+		status int
+	}
+	wants := make(map[trace.TraceID]want, n)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	proxies := 0
+	for i := range n {
+		var tid trace.TraceID
+		copy(tid[:], fmt.Sprintf("req-%012d", i))
+		w := want{fmt.Sprintf("/users/%d", i), 200}
+		switch i % 4 {
+		case 1:
+			w = want{fmt.Sprintf("/sleep/%d", i%7), 202}
+		case 2:
+			w = want{"/fail", 500}
+		case 3:
+			w = want{"/proxy", 200}
+			proxies++
+		}
+		wants[tid] = w
+		wg.Go(func() {
+			req, _ := http.NewRequest("GET", c.url(w.path), nil)
+			req.Header.Set("traceparent", fmt.Sprintf("00-%s-%016x-01", tid, i+1))
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			mu.Lock()
+			defer mu.Unlock()
+			if resp.StatusCode != w.status {
+				t.Errorf("%s: %d", w.path, resp.StatusCode)
+			}
+		})
+	}
+	wg.Wait()
+	spans := c.nServers(t, n+proxies)
+	byTrace := map[trace.TraceID]fmhttp.ServerRequest{}
+	for _, s := range spans {
+		if !s.Span.RemoteParent {
+			// The /hello a /proxy handler requested: no traceparent
+			// is injected, so it is a root.
+			if s.Path != "/hello" {
+				t.Errorf("root span for %s", s.Path)
+			}
+			continue
+		}
+		w, ok := wants[s.Span.TraceID]
+		if !ok {
+			t.Errorf("span with unknown trace: %+v", s)
+			continue
+		}
+		if _, dup := byTrace[s.Span.TraceID]; dup {
+			t.Errorf("two spans for %s", w.path)
+		}
+		byTrace[s.Span.TraceID] = s
+		if s.Path != w.path || s.StatusCode != w.status {
+			t.Errorf("span for %s (%d) has %s (%d)", w.path, w.status, s.Path, s.StatusCode)
+		}
+	}
+	if len(byTrace) != n {
+		t.Errorf("%d requests matched, want %d", len(byTrace), n)
+	}
+	for _, cl := range c.nClients(t, proxies) {
+		parent, ok := byTrace[cl.Span.TraceID]
+		if !ok || parent.Path != "/proxy" || parent.Span.SpanID != cl.Span.ParentSpanID {
+			t.Errorf("client span %+v not the child of its /proxy span", cl.Span)
+		}
+	}
+}
