@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/log"
+	"go.opentelemetry.io/otel/log/global"
 	"go.opentelemetry.io/otel/metric"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
@@ -47,6 +49,7 @@ type ExporterOption func(*exporterConfig)
 type exporterConfig struct {
 	mp       metric.MeterProvider
 	tp       trace.TracerProvider
+	lp       log.LoggerProvider
 	attrs    Attributes
 	explicit bool
 	buffer   int
@@ -63,6 +66,14 @@ func WithMeterProvider(mp metric.MeterProvider) ExporterOption {
 // TCP connections: tcp.WithSpans).
 func WithTracerProvider(tp trace.TracerProvider) ExporterOption {
 	return func(c *exporterConfig) { c.tp = tp }
+}
+
+// WithLoggerProvider emits log records with lp instead of the global
+// go.opentelemetry.io/otel/log/global.GetLoggerProvider(). Records are
+// emitted only by families asked to (for process execs and exits:
+// process.WithLogRecords).
+func WithLoggerProvider(lp log.LoggerProvider) ExporterOption {
+	return func(c *exporterConfig) { c.lp = lp }
 }
 
 // WithAttributes chooses the metric attribute groups (default
@@ -96,13 +107,14 @@ func WithExportBuffer(n int) ExporterOption {
 // flushTimeout bounds the flush after the session ended on its own.
 const flushTimeout = 10 * time.Second
 
-// Exporter records a session's events as OpenTelemetry metrics (and spans,
-// where a family is asked for them), and the session's own health as
+// Exporter records a session's events as OpenTelemetry metrics (and spans
+// or log records, where a family is asked for them), and the session's own health as
 // observable counters. Create it with NewExporter. It stops when the
 // session ends or on Shutdown/Close.
 type Exporter struct {
 	mp   metric.MeterProvider
 	tp   trace.TracerProvider
+	lp   log.LoggerProvider
 	reg  metric.Registration
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -124,9 +136,10 @@ type Exporter struct {
 //	exp, err := flowmill.NewExporter(s)
 //	defer exp.Shutdown(context.Background())
 //
-// Every family of the session that implements probes.Telemetry (tcp does)
-// maps its own events; families without a mapping are left out. The
-// exporter stops when the session ends, or on Shutdown or Close.
+// Every family of the session that implements probes.Telemetry (tcp,
+// process and syscalls do) maps its own events; families without a mapping
+// are left out. The exporter stops when the session ends, or on Shutdown
+// or Close.
 func NewExporter(s *Session, opts ...ExporterOption) (*Exporter, error) {
 	c := exporterConfig{attrs: DefaultAttributes, buffer: 4096}
 	for _, o := range opts {
@@ -137,6 +150,9 @@ func NewExporter(s *Session, opts ...ExporterOption) (*Exporter, error) {
 	}
 	if c.tp == nil {
 		c.tp = otel.GetTracerProvider()
+	}
+	if c.lp == nil {
+		c.lp = global.GetLoggerProvider()
 	}
 	if c.buffer <= 0 {
 		return nil, fmt.Errorf("flowmill: export buffer %d must be positive", c.buffer)
@@ -153,10 +169,11 @@ func NewExporter(s *Session, opts ...ExporterOption) (*Exporter, error) {
 		Buffer:          c.buffer,
 		Meter:           meter,
 		Tracer:          c.tp.Tracer(ScopeName, trace.WithInstrumentationVersion(v), trace.WithSchemaURL(semconv.SchemaURL)),
+		Logger:          c.lp.Logger(ScopeName, log.WithInstrumentationVersion(v), log.WithSchemaURL(semconv.SchemaURL)),
 		Attributes:      c.attrs,
 		ExplicitBuckets: c.explicit,
 	}
-	e := &Exporter{mp: c.mp, tp: c.tp, stop: make(chan struct{}), done: make(chan struct{})}
+	e := &Exporter{mp: c.mp, tp: c.tp, lp: c.lp, stop: make(chan struct{}), done: make(chan struct{})}
 
 	var recs []probes.Recorder
 	giveUp := func(err error) (*Exporter, error) {
@@ -245,8 +262,9 @@ func (e *Exporter) registerHealth(meter metric.Meter, s *Session) error {
 }
 
 // Shutdown stops the exporter: every event already delivered to it is
-// recorded, the health callback is unregistered, and the MeterProvider and
-// TracerProvider are flushed if they can be (the SDK's have ForceFlush).
+// recorded, the health callback is unregistered, and the MeterProvider,
+// TracerProvider and LoggerProvider are flushed if they can be (the SDK's
+// have ForceFlush).
 // It does not close the session nor shut the providers down, which belong
 // to the caller. It is idempotent and safe to call from any goroutine;
 // every call waits for the same shutdown and returns its error, or ctx's
@@ -276,7 +294,7 @@ func (e *Exporter) shutdown(ctx context.Context) {
 		e.errMu.Lock()
 		errs = append(errs, e.runErr)
 		e.errMu.Unlock()
-		for _, p := range []any{e.mp, e.tp} {
+		for _, p := range []any{e.mp, e.tp, e.lp} {
 			if f, ok := p.(interface{ ForceFlush(context.Context) error }); ok {
 				if err := f.ForceFlush(ctx); err != nil {
 					errs = append(errs, fmt.Errorf("flushing %T: %w", p, err))

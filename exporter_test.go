@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
+	otellog "go.opentelemetry.io/otel/log"
+	sdklog "go.opentelemetry.io/otel/sdk/log"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata/metricdatatest"
@@ -281,5 +283,65 @@ func TestExporterNeedsAMappedFamily(t *testing.T) {
 	t.Cleanup(func() { s.Close() })
 	if _, err := flowmill.NewExporter(s); err == nil || !strings.Contains(err.Error(), "tcp.New()") {
 		t.Errorf("NewExporter without a mapped family: %v, want an error naming tcp.New()", err)
+	}
+}
+
+// logging is a probe family whose mapping emits one log record per run,
+// to check what the exporter hands families for logs.
+type logging struct{ silent }
+
+func (logging) Telemetry(env *probes.TelemetryEnv) (probes.Recorder, error) {
+	return logRecorder{env.Logger}, nil
+}
+
+type logRecorder struct{ l otellog.Logger }
+
+func (r logRecorder) Run(stop <-chan struct{}) error {
+	var rec otellog.Record
+	rec.SetEventName("test.event")
+	r.l.Emit(context.Background(), rec)
+	<-stop
+	return nil
+}
+
+// logSink is an in-memory sdklog.Exporter.
+type logSink struct {
+	mu   sync.Mutex
+	recs []sdklog.Record
+}
+
+func (s *logSink) Export(_ context.Context, recs []sdklog.Record) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, r := range recs {
+		s.recs = append(s.recs, r.Clone())
+	}
+	return nil
+}
+func (s *logSink) Shutdown(context.Context) error   { return nil }
+func (s *logSink) ForceFlush(context.Context) error { return nil }
+
+// TestExporterLoggerProvider: families log through WithLoggerProvider's
+// provider, in flowmill's instrumentation scope, and Shutdown flushes it.
+func TestExporterLoggerProvider(t *testing.T) {
+	testutil.RequireBPF(t)
+	s, err := flowmill.Start(t.Context(), flowmill.WithProbes(logging{}))
+	testutil.CheckStart(t, err)
+	t.Cleanup(func() { s.Close() })
+	sink := &logSink{}
+	lp := sdklog.NewLoggerProvider(sdklog.WithProcessor(sdklog.NewBatchProcessor(sink, sdklog.WithExportInterval(time.Hour))))
+	t.Cleanup(func() { _ = lp.Shutdown(context.Background()) })
+	exp, err := flowmill.NewExporter(s, flowmill.WithLoggerProvider(lp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Run emits its record before it returns, which Shutdown waits for.
+	if err := exp.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	sink.mu.Lock()
+	defer sink.mu.Unlock()
+	if len(sink.recs) != 1 || sink.recs[0].EventName() != "test.event" || sink.recs[0].InstrumentationScope().Name != flowmill.ScopeName {
+		t.Errorf("records after Shutdown: %+v, want one test.event in scope %s", sink.recs, flowmill.ScopeName)
 	}
 }

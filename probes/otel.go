@@ -1,6 +1,7 @@
 package probes
 
 import (
+	"go.opentelemetry.io/otel/log"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -15,7 +16,8 @@ import (
 // A family's mapping, in order:
 //
 //  1. Telemetry creates the family's instruments with env.Meter (and, if
-//     the family makes spans and env.Tracer is not nil, uses env.Tracer),
+//     the family makes spans or log records, keeps env.Tracer or
+//     env.Logger),
 //     and subscribes to the family's own event types on env.Bus with
 //     Subscribe and a buffer of env.Buffer. It does both synchronously, so
 //     that no event published after NewExporter returns is missed, and
@@ -49,6 +51,11 @@ import (
 //     before handling a terminal event.
 //   - Spans for events that already happened carry the kernel's times
 //     (trace.WithTimestamp on Start and End).
+//   - Discrete events that a user wants one by one (an exec, an exit) are
+//     log records with an event name (log.Record.SetEventName), the
+//     kernel's time as their timestamp and the same attribute keys as the
+//     family's spans and metrics; a family builds them only when
+//     env.Logger.Enabled says they are wanted.
 type Telemetry interface {
 	// Telemetry creates the family's instruments, subscribes to its
 	// events and returns the Recorder that will record them.
@@ -75,6 +82,10 @@ type TelemetryEnv struct {
 	// Tracer creates the family's spans. Never nil; whether a family
 	// makes spans at all is the family's own option (tcp.WithSpans).
 	Tracer trace.Tracer
+	// Logger emits the family's log records (OpenTelemetry events). Never
+	// nil; whether a family emits records at all is the family's own
+	// option (process.WithLogRecords).
+	Logger log.Logger
 	// Attributes selects the metric attribute groups.
 	Attributes Attributes
 	// ExplicitBuckets asks for the family's explicit bucket boundaries as

@@ -49,6 +49,7 @@ func WithMaxProcesses(n int) Option {
 // Probe is the process probe family. Create it with New.
 type Probe struct {
 	maxProcs uint32
+	logs     bool // WithLogRecords
 }
 
 // New returns the process probe, to pass to flowmill.WithProbes. It
