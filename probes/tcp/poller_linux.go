@@ -146,7 +146,8 @@ func (p *poller) TCPConn(local, remote netip.AddrPort) (probes.TCPConnInfo, bool
 // byRemote finds an open connection by its remote address alone: among the
 // flows the probe knows, else in a dump of the namespace's sockets (the
 // probe reads its records on a timer, so a connection opened moments ago
-// may not be known yet). Dumps are rate-limited to one per dumpEvery.
+// may not be known yet). Dumps are rate-limited to one per dumpEvery; a
+// caller may wait that long.
 func (p *poller) byRemote(remote netip.AddrPort) (probes.TCPConnInfo, bool) {
 	p.mu.Lock()
 	k, ok := p.byPeer[remote]
@@ -163,8 +164,10 @@ func (p *poller) byRemote(remote netip.AddrPort) (probes.TCPConnInfo, bool) {
 	if info, ok := p.dumped[remote]; ok {
 		return info, true
 	}
-	if time.Since(p.dumpedAt) < dumpEvery {
-		return probes.TCPConnInfo{}, false
+	// The last dump may predate the connection: take a new one, waiting
+	// for the rate limit rather than answer from a stale dump.
+	if wait := dumpEvery - time.Since(p.dumpedAt); wait > 0 {
+		time.Sleep(wait)
 	}
 	clear(p.dumped)
 	p.dumpedAt = time.Now()
