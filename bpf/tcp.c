@@ -109,7 +109,8 @@ struct flow {
 	struct tcp_counts final;
 	__u32 rst_sent;
 	__u32 rst_received;
-	__u16 states; /* bit n set: the socket has been in TCP state n */
+	__u16 states; /* bit n set: the socket has been in TCP state n (of
+		       * those on_set_state looks at) */
 	__u8 role;
 	__u8 closed;
 };
@@ -331,10 +332,19 @@ int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 	int oldstate = ctx->args[1];
 	int newstate = ctx->args[2];
 	__u64 key = (__u64)sk;
-	struct flow *f = bpf_map_lookup_elem(&flows, &key);
+	struct flow *f;
 
-	/* Fast path, most transitions: a flow we track moves on. Only the
-	 * flow map is keyed by a TCP socket, so no further checks. */
+	/* Most transitions need nothing: only these create, report or end a
+	 * flow, or (FIN_WAIT1, LAST_ACK: our FIN was queued) change how its
+	 * bytes are counted. The rest return before any lookup. */
+	if (!((1 << (newstate & 15)) & ((1 << TCP_SYN_SENT) | (1 << TCP_ESTABLISHED) |
+					 (1 << TCP_FIN_WAIT1) | (1 << TCP_LAST_ACK) |
+					 (1 << TCP_CLOSE) | (1 << TCP_LISTEN))))
+		return 0;
+
+	/* A flow we track moves on. Only the flow map is keyed by a TCP
+	 * socket, so no further checks. */
+	f = bpf_map_lookup_elem(&flows, &key);
 	if (f) {
 		f->states |= 1 << (newstate & 15);
 		if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_SENT) {
