@@ -16,6 +16,39 @@
 //		fmt.Println(c.Remote, c.BytesSent, c.BytesReceived, c.SRTT)
 //	}
 //
+// # Probe families
+//
+// Each family is a package under probes/, selected with WithProbes:
+//
+//   - probes/tcp: TCP connections, client and server, IPv4 and IPv6
+//     (ConnOpened, ConnStats, ConnClosed), with exact byte counts, segments,
+//     retransmissions, resets and RTTs from the kernel's own accounting.
+//   - probes/process: Fork, Exec and Exit of the observed processes.
+//   - probes/syscalls: per-process system call counts, aggregated in the
+//     kernel, and the seccomp profile of what was seen.
+//   - probes/http: spans for the HTTP requests the program itself serves
+//     and sends with net/http, from uprobes on its own executable.
+//
+// Families never import each other; where one needs another's knowledge
+// (an HTTP span's TCP round-trip time) it asks through a service on the
+// session's bus (package probes).
+//
+// # OpenTelemetry
+//
+// NewExporter records a session's events with the OpenTelemetry API —
+// metrics with semantic-convention names, spans with the kernel's
+// timestamps, log records for discrete events — using the global providers
+// unless given others, so a service that already configured OpenTelemetry
+// needs two lines:
+//
+//	s, err := flowmill.Start(ctx, flowmill.WithProbes(tcp.New()))
+//	...
+//	exp, err := flowmill.NewExporter(s)
+//	defer exp.Shutdown(context.Background())
+//
+// Package otelviews holds the views that make flowmill's histograms base-2
+// exponential histograms in the SDK.
+//
 // # Scope
 //
 // By default a session observes the calling process only (all its threads).
