@@ -21,6 +21,14 @@
  * Struct field offsets are not guessed: user space reads them from the
  * types compiled into the very program (reflect, unsafe.Offsetof) and sets
  * them in "off" before loading.
+ *
+ * Cost: reads of user memory (bpf_probe_read_user) dominate the programs'
+ * run time, so they are kept few: a struct is copied once and its fields
+ * taken from the copy; method and request target come from one read of the
+ * request line (Method and RequestURI are substrings of it); what is constant
+ * for a connection (its bufio.Reader, the peer address) is cached per
+ * serving goroutine; strings in the executable's read-only data (ServeMux
+ * patterns, method constants) are passed by address, not copied.
  */
 #include "flowmill.h"
 
@@ -46,11 +54,23 @@ enum http_flags {
 	HTTP_F_PARENT_CTX = 1 << 2,    /* client: parent found via the request context */
 	HTTP_F_PARENT_G = 1 << 3,      /* client: parent found via the goroutine */
 	HTTP_F_HIJACKED = 1 << 4,      /* server: the handler hijacked the connection */
+	/* method[] / route[] hold the address (8 bytes) of the string in the
+	 * executable's read-only data instead of its bytes; *_len its length. */
+	HTTP_F_METHOD_RO = 1 << 5,
+	HTTP_F_ROUTE_RO = 1 << 6,
 };
 
 /* Family counters (see FM_CTR_FAMILY). */
 enum {
 	HTTP_CTR_UNSUPPORTED = FM_CTR_FAMILY, /* served by another ResponseWriter (HTTP/2) */
+	/* Entries added to and removed from the in-flight maps by these
+	 * programs: what is neither removed nor still there was evicted. */
+	HTTP_CTR_SERVERS_ADD,
+	HTTP_CTR_SERVERS_DEL,
+	HTTP_CTR_CTXS_ADD,
+	HTTP_CTR_CTXS_DEL,
+	HTTP_CTR_CLIENTS_ADD,
+	HTTP_CTR_CLIENTS_DEL,
 };
 
 /* Field offsets of the program's own net/http, net/url and bufio types. */
@@ -79,6 +99,11 @@ struct http_offsets {
 	__u64 url_size;            /* bytes of url.URL read at once (<= OBJ_MAX) */
 	__u64 resp_lo;             /* first byte of http.response read at return */
 	__u64 ctx_walk;            /* 1: every std Context keeps its parent first */
+	__u64 req_uri;             /* http.Request.RequestURI (string) */
+	__u64 response_lo;         /* first byte of http.Response read at return */
+	__u64 ctx_root;            /* data word of context.Background() and TODO() */
+	__u64 ro_lo;               /* the executable's read-only mappings: */
+	__u64 ro_hi;               /*   [ro_lo, ro_hi), 0 if unknown */
 };
 
 volatile const struct http_offsets off = {};
@@ -150,9 +175,29 @@ struct {
 	__type(value, struct http_event);
 } clients SEC(".maps");
 
+/* What stays the same for all requests of a connection, by the goroutine
+ * serving it (net/http serves a connection on one goroutine, conn.serve,
+ * for its whole life; goroutine IDs are never reused, so a matching goid
+ * means the same connection). Losing an entry only costs reads. */
+struct conn_cache {
+	__u64 goid;
+	__u64 bufr; /* http.conn.bufr */
+	__u32 peer_len;
+	__u32 pad;
+	char peer[PEER_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct conn_cache);
+} conns SEC(".maps");
+
 /* Scratch space: these values are too large for the BPF stack. */
 struct scratch {
 	struct server_state s;
+	struct conn_cache cc;
 	char req[OBJ_MAX + 16];
 	char url[OBJ_MAX + 16];
 	char hdr[HDR_BUF];
@@ -219,20 +264,39 @@ static __always_inline __u32 obj_str(char *dst, __u32 cap, const char *obj, __u6
 	return n;
 }
 
-/* read_gostr copies at most cap bytes of the Go string at addr. */
-static __always_inline __u32 read_gostr(char *dst, __u32 cap, __u64 addr)
+/* in_ro reports whether the string [p, p+n) lies in the executable's
+ * read-only mappings: immutable for the life of the process, so user space
+ * (the same process) reads it from its address. */
+static __always_inline bool in_ro(__u64 p, __u64 n)
 {
-	struct gostr s = {};
-	__u64 n;
+	return off.ro_lo && p >= off.ro_lo && p + n <= off.ro_hi && p + n >= p;
+}
 
-	if (bpf_probe_read_user(&s, sizeof(s), (const void *)addr) || s.len <= 0)
-		return 0;
-	n = s.len;
-	if (n > cap)
-		n = cap;
-	if (bpf_probe_read_user(dst, n, s.ptr))
-		return 0;
-	return n;
+/* put_ro stores the address of a read-only string in place of its bytes. */
+static __always_inline void put_ro(char *dst, __u64 p)
+{
+	__builtin_memcpy(dst, &p, sizeof(p));
+}
+
+static __always_inline void map_add(void *map, void *key, void *val, __u32 ctr)
+{
+	if (!bpf_map_update_elem(map, key, val, BPF_ANY))
+		fm_count(ctr);
+}
+
+static __always_inline void map_del(void *map, void *key, __u32 ctr)
+{
+	if (!bpf_map_delete_elem(map, key))
+		fm_count(ctr);
+}
+
+/* has_byte reports whether the word x holds the byte c (exactly: the
+ * classic "has zero byte" test on x ^ c*8 has no false positives in its
+ * yes/no answer). */
+static __always_inline bool has_byte(__u64 x, __u8 c)
+{
+	x ^= 0x0101010101010101ULL * c;
+	return (x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL;
 }
 
 /* State between entry and return is keyed by the goroutine's g (R14): no
@@ -380,46 +444,118 @@ static __always_inline int parse_traceparent(const char *b, __u32 v, __u32 n,
 	return 0;
 }
 
-/* incoming_parent looks for a traceparent header in the bytes the server
+/* scan_request looks for a traceparent header in the bytes the server
  * read for this request: the connection's bufio.Reader buffer up to its
- * read position holds the request line and headers just parsed. */
-static __always_inline int incoming_parent(struct scratch *sc, __u64 resp,
-					   struct http_event *e)
+ * read position holds the request line and headers just parsed. It sets
+ * e's parent from a valid one. */
+static __always_inline void scan_request(struct scratch *sc, __u64 bufr, struct http_event *e)
 {
-	__u64 conn = read_u64(resp + off.resp_conn);
-	__u64 bufr, buf;
-	__u64 n;
+	__u64 buf, n;
 	struct scan c = {};
 
-	if (!conn)
-		return -1;
-	bufr = read_u64(conn + off.conn_bufr);
 	if (!bufr || obj_read(sc->url, 64, bufr))
-		return -1;
+		return;
 	buf = obj_u64(sc->url, off.bufio_buf);
 	n = obj_u64(sc->url, off.bufio_r);
 	if (!buf || (__s64)n <= 0)
-		return -1;
+		return;
 	if (n > HDR_SCAN)
 		n = HDR_SCAN;
 	if (bpf_probe_read_user(sc->hdr, n, (const void *)buf))
-		return -1;
+		return;
 	c.buf = sc->hdr;
 	c.n = n;
 	c.found = -1;
 	bpf_loop((n + 7) / 8, scan_word, &c, 0);
-	if (c.found < 0)
-		return -1;
-	__u32 v = c.found;
-	for (int k = 0; k < 2; k++) {
-		char ch = at(sc->hdr, v);
+	if (c.found >= 0) {
+		__u32 v = c.found;
 
-		if (ch == ' ' || ch == '\t')
-			v++;
+		for (int k = 0; k < 2; k++) {
+			char ch = at(sc->hdr, v);
+
+			if (ch == ' ' || ch == '\t')
+				v++;
+		}
+		if (v + TP_LEN <= n)
+			parse_traceparent(sc->hdr, v, n, e);
 	}
-	if (v + TP_LEN > n)
+}
+
+struct pathscan {
+	const char *p;
+	__u32 n;
+	__s32 end; /* offset of the first '?' or '%', or -1 */
+};
+
+/* path_word looks at 8 bytes at once and only looks closer at words that
+ * hold a '?' or a '%'. */
+static long path_word(__u32 w, void *data)
+{
+	struct pathscan *c = data;
+	__u32 i = (w * 8) & (PATH_MAX_ - 1);
+	__u64 x;
+
+	__builtin_memcpy(&x, c->p + i, 8);
+	if (!has_byte(x, '?') && !has_byte(x, '%'))
+		return 0;
+	for (int k = 0; k < 8; k++) {
+		char ch = c->p[(i + k) & (PATH_MAX_ - 1)];
+
+		if (i + k < c->n && (ch == '?' || ch == '%')) {
+			c->end = i + k;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* path_len returns how many bytes of the request target at p (n of them,
+ * copied; total in all) are URL.Path: those before the first '?'. It
+ * returns -1 when the path may be escaped ('%'; URL.Path is the decoded
+ * form) or is longer than what was copied. */
+static __always_inline int path_len(const char *p, __u32 n, __u32 total)
+{
+	struct pathscan c = { .p = p, .n = n, .end = -1 };
+
+	bpf_loop((n + 7) / 8, path_word, &c, 0);
+	if (c.end >= 0)
+		return p[c.end & (PATH_MAX_ - 1)] == '?' ? c.end : -1;
+	return n == total ? (int)n : -1;
+}
+
+/* method_target takes the method and URL.Path of a served request from one
+ * read of its request line: net/http cuts Method and RequestURI from the
+ * same string, so they are adjacent. It returns -1 when the path must be
+ * taken from the URL (escaped, not origin-form, or the strings are not
+ * adjacent). */
+static __always_inline int method_target(struct scratch *sc, struct http_event *e)
+{
+	__u64 mp = obj_u64(sc->req, off.req_method);
+	__s64 ml = obj_u64(sc->req, off.req_method + 8);
+	__u64 up = obj_u64(sc->req, off.req_uri);
+	__s64 ul = obj_u64(sc->req, off.req_uri + 8);
+	__u64 n;
+	int pl;
+
+	if (!mp || ml <= 0 || ml > METHOD_MAX || ul <= 0 || up != mp + ml + 1)
 		return -1;
-	return parse_traceparent(sc->hdr, v, n, e);
+	n = ul;
+	if (n > PATH_MAX_)
+		n = PATH_MAX_;
+	/* The line: method, a space, the target. */
+	if (bpf_probe_read_user(sc->url, ml + 1 + n, (const void *)mp))
+		return -1;
+	__builtin_memcpy(e->method, sc->url, METHOD_MAX);
+	e->method_len = ml;
+	if (sc->url[(ml + 1) & 31] != '/')
+		return -1;
+	if (bpf_probe_read_kernel(e->path, n, sc->url + ((ml + 1) & 31)))
+		return -1;
+	pl = path_len(e->path, n, ul);
+	if (pl < 0)
+		return -1;
+	e->path_len = pl;
+	return 0;
 }
 
 /* ---- server ---- */
@@ -430,8 +566,9 @@ int server_enter(struct pt_regs *ctx)
 	__u32 zero = 0;
 	struct scratch *sc;
 	struct server_state *s;
+	struct conn_cache *cc = NULL;
 	struct http_event *e;
-	__u64 key, req, url, id;
+	__u64 key, req, url, id, bufr = 0;
 
 	/* ServeHTTP(rw ResponseWriter, req *Request): RBX, RCX = rw; RDI = req. */
 	if (ctx->bx != off.resp_itab) {
@@ -463,27 +600,56 @@ int server_enter(struct pt_regs *ctx)
 	e->err_itab = 0;
 	e->resp_length = 0;
 	e->route_len = 0;
-	e->req_length = obj_u64(sc->req, off.req_content_length);
-	e->method_len = obj_str(e->method, METHOD_MAX, sc->req, off.req_method);
-	e->host_len = obj_str(e->host, HOST_MAX, sc->req, off.req_host);
-	e->peer_len = obj_str(e->peer, PEER_MAX, sc->req, off.req_remote_addr);
-	url = obj_u64(sc->req, off.req_url);
+	e->host_len = 0;
 	e->path_len = 0;
-	if (url && !obj_read(sc->url, off.url_size, url))
-		e->path_len = obj_str(e->path, PATH_MAX_, sc->url, off.url_path);
 	e->span_id = rand64();
 	e->parent_span_id = 0;
-	if (incoming_parent(sc, s->resp, e) < 0) {
+	e->req_length = obj_u64(sc->req, off.req_content_length);
+	if (method_target(sc, e) < 0) {
+		e->method_len = obj_str(e->method, METHOD_MAX, sc->req, off.req_method);
+		url = obj_u64(sc->req, off.req_url);
+		e->path_len = 0;
+		if (url && !obj_read(sc->url, off.url_size, url))
+			e->path_len = obj_str(e->path, PATH_MAX_, sc->url, off.url_path);
+	}
+
+	/* The connection's bufio.Reader and peer: cached by goroutine. */
+	if (e->goid) {
+		cc = bpf_map_lookup_elem(&conns, &key);
+		if (cc && cc->goid != e->goid)
+			cc = NULL;
+	}
+	if (cc) {
+		bufr = cc->bufr;
+		e->peer_len = cc->peer_len;
+		__builtin_memcpy(e->peer, cc->peer, PEER_MAX);
+	} else {
+		__u64 conn = read_u64(s->resp + off.resp_conn);
+
+		if (conn)
+			bufr = read_u64(conn + off.conn_bufr);
+		e->peer_len = obj_str(e->peer, PEER_MAX, sc->req, off.req_remote_addr);
+		if (e->goid && bufr) {
+			sc->cc.goid = e->goid;
+			sc->cc.bufr = bufr;
+			sc->cc.peer_len = e->peer_len;
+			__builtin_memcpy(sc->cc.peer, e->peer, PEER_MAX);
+			bpf_map_update_elem(&conns, &key, &sc->cc, BPF_ANY);
+		}
+	}
+	scan_request(sc, bufr, e);
+	if (!(e->flags & HTTP_F_REMOTE_PARENT)) {
 		e->flags = 0;
 		e->parent_span_id = 0;
 		new_trace(e->trace_id);
 	}
-	bpf_map_update_elem(&servers, &key, s, BPF_ANY);
+	e->host_len = obj_str(e->host, HOST_MAX, sc->req, off.req_host);
+	map_add(&servers, &key, s, HTTP_CTR_SERVERS_ADD);
 	if (s->ctx && off.ctx_walk) {
 		struct span_ctx sp = { .span_id = e->span_id };
 
 		__builtin_memcpy(sp.trace_id, e->trace_id, 16);
-		bpf_map_update_elem(&server_ctxs, &s->ctx, &sp, BPF_ANY);
+		map_add(&server_ctxs, &s->ctx, &sp, HTTP_CTR_CTXS_ADD);
 	}
 	return 0;
 }
@@ -495,6 +661,7 @@ int server_return(struct pt_regs *ctx)
 	struct server_state *s = bpf_map_lookup_elem(&servers, &key);
 	struct http_event *e;
 	__u64 rctx, conn;
+	struct gostr pat;
 	char r[64];
 
 	if (!s)
@@ -519,7 +686,20 @@ int server_return(struct pt_regs *ctx)
 				e->resp_length = v;
 			}
 		}
-		e->route_len = read_gostr(e->route, ROUTE_MAX, s->req + off.req_pattern);
+		e->route_len = 0;
+		/* Patterns are usually constants: passed by address. */
+		if (!bpf_probe_read_user(&pat, sizeof(pat), (const void *)(s->req + off.req_pattern)) &&
+		    pat.len > 0) {
+			__u64 n = pat.len > ROUTE_MAX ? ROUTE_MAX : pat.len;
+
+			if (in_ro((__u64)pat.ptr, n)) {
+				put_ro(e->route, (__u64)pat.ptr);
+				e->flags |= HTTP_F_ROUTE_RO;
+				e->route_len = n;
+			} else if (!bpf_probe_read_user(e->route, n, pat.ptr)) {
+				e->route_len = n;
+			}
+		}
 		if (!e->status) {
 			conn = read_u64(s->resp + off.resp_conn);
 			if (conn && (read_u64(conn + off.conn_hijacked) & 0xff))
@@ -527,13 +707,39 @@ int server_return(struct pt_regs *ctx)
 		}
 		fm_submit(e, sizeof(*e));
 	}
-	bpf_map_delete_elem(&servers, &key);
+	map_del(&servers, &key, HTTP_CTR_SERVERS_DEL);
 	if (rctx)
-		bpf_map_delete_elem(&server_ctxs, &rctx);
+		map_del(&server_ctxs, &rctx, HTTP_CTR_CTXS_DEL);
 	return 0;
 }
 
 /* ---- client ---- */
+
+/* host_path copies URL.Host and URL.Path. url.Parse leaves both as
+ * substrings of the URL it parsed, usually adjacent: then one read. */
+static __always_inline void host_path(struct scratch *sc, struct http_event *e)
+{
+	__u64 hp = obj_u64(sc->url, off.url_host);
+	__s64 hl = obj_u64(sc->url, off.url_host + 8);
+	__u64 pp = obj_u64(sc->url, off.url_path);
+	__s64 pl = obj_u64(sc->url, off.url_path + 8);
+
+	if (hl > 0 && hl <= HOST_MAX && pl > 0 && pp >= hp + hl && pp - hp <= 2 * HOST_MAX) {
+		__u64 d = pp - hp;
+		__u64 n = pl > PATH_MAX_ ? PATH_MAX_ : pl;
+
+		/* sc->req is free once the request's fields are taken. */
+		if (!bpf_probe_read_user(sc->req, (d + n) & (OBJ_MAX - 1), (const void *)hp) &&
+		    !bpf_probe_read_kernel(e->host, hl, sc->req) &&
+		    !bpf_probe_read_kernel(e->path, n, sc->req + (d & (2 * HOST_MAX - 1)))) {
+			e->host_len = hl;
+			e->path_len = n;
+			return;
+		}
+	}
+	e->host_len = obj_str(e->host, HOST_MAX, sc->url, off.url_host);
+	e->path_len = obj_str(e->path, PATH_MAX_, sc->url, off.url_path);
+}
 
 SEC("uprobe")
 int client_enter(struct pt_regs *ctx)
@@ -567,14 +773,25 @@ int client_enter(struct pt_regs *ctx)
 	e->peer_len = 0;
 	e->route_len = 0;
 	e->req_length = obj_u64(sc->req, off.req_content_length);
-	e->method_len = obj_str(e->method, METHOD_MAX, sc->req, off.req_method);
+	{
+		/* Methods are usually constants (http.MethodGet): passed by
+		 * address. */
+		__u64 mp = obj_u64(sc->req, off.req_method);
+		__s64 ml = obj_u64(sc->req, off.req_method + 8);
+
+		if (ml > 0 && ml <= METHOD_MAX && in_ro(mp, ml)) {
+			put_ro(e->method, mp);
+			e->flags |= HTTP_F_METHOD_RO;
+			e->method_len = ml;
+		} else {
+			e->method_len = obj_str(e->method, METHOD_MAX, sc->req, off.req_method);
+		}
+	}
 	url = obj_u64(sc->req, off.req_url);
 	e->host_len = 0;
 	e->path_len = 0;
-	if (url && !obj_read(sc->url, off.url_size, url)) {
-		e->host_len = obj_str(e->host, HOST_MAX, sc->url, off.url_host);
-		e->path_len = obj_str(e->path, PATH_MAX_, sc->url, off.url_path);
-	}
+	if (url && !obj_read(sc->url, off.url_size, url))
+		host_path(sc, e);
 	e->span_id = rand64();
 	e->parent_span_id = 0;
 
@@ -584,7 +801,7 @@ int client_enter(struct pt_regs *ctx)
 	if (off.ctx_walk) {
 		__u64 c = obj_u64(sc->req, off.req_ctx + 8);
 
-		for (int i = 0; i < CTX_DEPTH && c; i++) {
+		for (int i = 0; i < CTX_DEPTH && c && c != off.ctx_root; i++) {
 			p = bpf_map_lookup_elem(&server_ctxs, &c);
 			if (p) {
 				e->flags |= HTTP_F_PARENT_CTX;
@@ -610,7 +827,7 @@ int client_enter(struct pt_regs *ctx)
 			new_trace(e->trace_id);
 		}
 	}
-	bpf_map_update_elem(&clients, &key, e, BPF_ANY);
+	map_add(&clients, &key, e, HTTP_CTR_CLIENTS_ADD);
 	return 0;
 }
 
@@ -621,6 +838,7 @@ int client_return(struct pt_regs *ctx)
 	struct http_event *s = bpf_map_lookup_elem(&clients, &key);
 	struct http_event *e;
 	__u64 resp;
+	char r[96];
 
 	if (!s)
 		return 0;
@@ -630,13 +848,24 @@ int client_return(struct pt_regs *ctx)
 		e->end_ns = bpf_ktime_get_ns();
 		/* Results: RAX = *Response; RBX, RCX = error. */
 		resp = ctx->ax;
-		if (resp) {
-			e->status = read_u64(resp + off.response_status);
-			e->resp_length = read_u64(resp + off.response_length);
+		/* StatusCode and ContentLength are near each other: one read. */
+		if (resp && !bpf_probe_read_user(r, sizeof(r), (const void *)(resp + off.response_lo))) {
+			__u64 so = (off.response_status - off.response_lo) & 127;
+			__u64 lo = (off.response_length - off.response_lo) & 127;
+			__u64 v;
+
+			if (so <= sizeof(r) - 8) {
+				__builtin_memcpy(&v, r + so, 8);
+				e->status = v;
+			}
+			if (lo <= sizeof(r) - 8) {
+				__builtin_memcpy(&v, r + lo, 8);
+				e->resp_length = v;
+			}
 		}
 		e->err_itab = ctx->bx;
 		fm_submit(e, sizeof(*e));
 	}
-	bpf_map_delete_elem(&clients, &key);
+	map_del(&clients, &key, HTTP_CTR_CLIENTS_DEL);
 	return 0;
 }

@@ -9,8 +9,8 @@ import (
 	"net/netip"
 	"os"
 	"reflect"
+	"runtime"
 	"sync"
-	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -33,12 +33,20 @@ const (
 	flagParentCtx    = 1 << 2
 	flagParentG      = 1 << 3
 	flagHijacked     = 1 << 4
+	flagMethodRO     = 1 << 5 // method holds the address of a read-only string
+	flagRouteRO      = 1 << 6 // route holds the address of a read-only string
 )
 
 // Counter slots (bpf/include/flowmill.h, bpf/http.c).
 const (
 	ctrLost = iota
 	ctrUnsupported
+	ctrServersAdd
+	ctrServersDel
+	ctrCtxsAdd
+	ctrCtxsDel
+	ctrClientsAdd
+	ctrClientsDel
 	nCounters
 )
 
@@ -75,7 +83,7 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 	if err := bpfload.Configure(spec, env); err != nil {
 		return nil, fmt.Errorf("http: %w", err)
 	}
-	for _, m := range []string{"servers", "server_ctxs", "clients"} {
+	for _, m := range []string{"servers", "server_ctxs", "clients", "conns"} {
 		spec.Maps[m].MaxEntries = p.maxInFlight
 	}
 	off := httpBPFHttpOffsets{
@@ -89,6 +97,13 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 		ResponseStatus: lay.responseStatus, ResponseLength: lay.responseLength,
 		RespItab: lay.respItab, Goid: goidOff,
 		ReqSize: lay.reqSize, UrlSize: lay.urlSize, RespLo: lay.respLo,
+		ReqUri: lay.reqURI, ResponseLo: lay.responseLo, CtxRoot: lay.ctxRoot,
+	}
+	// Without the read-only range every string is copied (slower, same
+	// results).
+	roLo, roHi, err := readOnlyRange("/proc/self/maps", "/proc/self/exe")
+	if err == nil {
+		off.RoLo, off.RoHi = roLo, roHi
 	}
 	if lay.ctxWalk {
 		off.CtxWalk = 1
@@ -101,6 +116,9 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 		servers:    probes.Produce[ServerRequest](env.Bus),
 		clients:    probes.Produce[ClientRequest](env.Bus),
 		staleAfter: p.staleAfter,
+		evictFloor: evictFloor(p.maxInFlight),
+		roLo:       off.RoLo,
+		roHi:       off.RoHi,
 		stop:       make(chan struct{}),
 	}
 	if err := bpfload.Load(spec, env, &a.objs, func() *ebpf.Map { return a.objs.ScopeCgroup }); err != nil {
@@ -194,9 +212,17 @@ type attachment struct {
 	errMu   sync.Mutex
 	errName map[uint64]string
 
+	roLo, roHi uint64 // the executable's read-only mappings (off.ro_lo, ro_hi)
+
 	staleAfter time.Duration
-	swept      atomic.Uint64
 	stop       chan struct{}
+
+	// Losses of in-flight entries, by map (servers, server_ctxs,
+	// clients): removed by the sweeper, or evicted by the LRU (inferred).
+	statsMu    sync.Mutex // also held by the sweeper while it deletes
+	swept      [nMaps]uint64
+	evicted    [nMaps]uint64
+	evictFloor int64 // below this many entries the LRU cannot have evicted
 	wg         sync.WaitGroup
 	closeOnce  sync.Once
 	closeErr   error
@@ -230,11 +256,11 @@ func (a *attachment) handle(raw []byte) {
 		if !a.servers.Active() {
 			return
 		}
-		pattern := a.strs.get(e.Route[:], e.RouteLen)
+		pattern := a.str(e.Route[:], e.RouteLen, e.Flags&flagRouteRO != 0)
 		r := ServerRequest{
 			Start:            a.boot(e.StartNs),
 			End:              a.boot(e.EndNs),
-			Method:           a.strs.get(e.Method[:], uint16(e.MethodLen)),
+			Method:           a.str(e.Method[:], uint16(e.MethodLen), e.Flags&flagMethodRO != 0),
 			Path:             str(e.Path[:], e.PathLen),
 			Pattern:          pattern,
 			Route:            routeOf(pattern),
@@ -260,7 +286,7 @@ func (a *attachment) handle(raw []byte) {
 		r := ClientRequest{
 			Start:            a.boot(e.StartNs),
 			End:              a.boot(e.EndNs),
-			Method:           a.strs.get(e.Method[:], uint16(e.MethodLen)),
+			Method:           a.str(e.Method[:], uint16(e.MethodLen), e.Flags&flagMethodRO != 0),
 			Host:             a.strs.get(e.Host[:], uint16(e.HostLen)),
 			Path:             str(e.Path[:], e.PathLen),
 			StatusCode:       int(e.Status),
@@ -292,6 +318,24 @@ func spanContext(e *httpBPFHttpEvent) SpanContext {
 	sc.RemoteParent = e.Flags&flagRemoteParent != 0
 	sc.Sampled = e.Flags&flagSampled != 0
 	return sc
+}
+
+// str returns a short repeating string of the record: its bytes, or, when
+// ro is set, the string in the executable's read-only data whose address
+// the kernel side put in their place (immutable for the life of the
+// process, so it is used as is, without a copy). An address outside those
+// mappings cannot come from our programs and gives "".
+func (a *attachment) str(b []int8, n uint16, ro bool) string {
+	if !ro {
+		return a.strs.get(b, n)
+	}
+	n = min(n, uint16(len(b)))
+	addr := binary.LittleEndian.Uint64(unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(b))), 8))
+	if addr < a.roLo || addr+uint64(n) > a.roHi || addr+uint64(n) < addr {
+		return ""
+	}
+	p := *(*unsafe.Pointer)(unsafe.Pointer(&addr))
+	return unsafe.String((*byte)(p), n)
 }
 
 func str(b []int8, n uint16) string {
@@ -359,26 +403,47 @@ func (a *attachment) sweep() {
 			return
 		case <-t.C:
 		}
-		cutoff := kclock.Now() - uint64(a.staleAfter)
-		a.swept.Add(sweepMap(a.objs.Servers, cutoff, func(v *httpBPFServerState) uint64 { return v.Ev.StartNs }))
-		a.swept.Add(sweepMap(a.objs.Clients, cutoff, func(v *httpBPFHttpEvent) uint64 { return v.StartNs }))
+		a.sweepOnce(kclock.Now() - uint64(a.staleAfter))
 	}
 }
 
-func sweepMap[V any](m *ebpf.Map, cutoff uint64, start func(*V) uint64) uint64 {
+// sweepOnce deletes the entries of requests started before cutoff, with
+// the served requests' context entries.
+func (a *attachment) sweepOnce(cutoff uint64) {
+	a.statsMu.Lock()
+	defer a.statsMu.Unlock()
+	var ctxs []uint64
+	a.swept[mapServers] += sweepMap(a.objs.Servers, cutoff, func(v *httpBPFServerState) bool {
+		if v.Ev.StartNs >= cutoff {
+			return false
+		}
+		if v.Ctx != 0 {
+			ctxs = append(ctxs, v.Ctx)
+		}
+		return true
+	})
+	for _, c := range ctxs {
+		if a.objs.ServerCtxs.Delete(c) == nil {
+			a.swept[mapCtxs]++
+		}
+	}
+	a.swept[mapClients] += sweepMap(a.objs.Clients, cutoff, func(v *httpBPFHttpEvent) bool { return v.StartNs < cutoff })
+}
+
+func sweepMap[V any](m *ebpf.Map, cutoff uint64, stale func(*V) bool) uint64 {
 	var (
-		k     uint64
-		v     V
-		stale []uint64
+		k    uint64
+		v    V
+		keys []uint64
 	)
 	it := m.Iterate()
 	for it.Next(&k, &v) {
-		if start(&v) < cutoff {
-			stale = append(stale, k)
+		if stale(&v) {
+			keys = append(keys, k)
 		}
 	}
 	var n uint64
-	for _, k := range stale {
+	for _, k := range keys {
 		if m.Delete(k) == nil {
 			n++
 		}
@@ -386,12 +451,88 @@ func sweepMap[V any](m *ebpf.Map, cutoff uint64, start func(*V) uint64) uint64 {
 	return n
 }
 
+// The in-flight maps, as indexes of attachment.swept and .evicted.
+const (
+	mapServers = iota
+	mapCtxs
+	mapClients
+	nMaps
+)
+
+// evictFloor is the number of entries below which an LRU map of max
+// entries cannot have evicted: the kernel's LRU evicts once its free nodes
+// run out, and each CPU may hold a batch of them (LOCAL_FREE_TARGET, 128)
+// in reserve.
+func evictFloor(max uint32) int64 {
+	return int64(max) - min(int64(max)/2, 2*128*int64(runtime.NumCPU()))
+}
+
+// countKeys counts the entries of a hash map. Entries come and go during
+// the walk; the count is only used for a lower bound of evictions.
+func countKeys(m *ebpf.Map) (int64, error) {
+	var key, next uint64
+	var n int64
+	err := m.NextKey(nil, &next)
+	for err == nil {
+		n++
+		key = next
+		err = m.NextKey(&key, &next)
+	}
+	if !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return n, fmt.Errorf("http: counting in-flight entries: %w", err)
+	}
+	return n, nil
+}
+
+// Stats reports records lost in the kernel (ring full, requests served by
+// an unsupported ResponseWriter) and in-flight entries lost: removed by
+// the sweeper as stale, or evicted by the LRU when more requests were in
+// flight than WithMaxInFlight allows.
+//
+// Every entry the programs insert is still in its map, removed by them,
+// removed by the sweeper, or evicted. Counting a map's entries costs a
+// syscall per entry, so it is done only when the map may be full enough to
+// evict. Inserts are read before the walk and removals after it, so the
+// inference never exceeds the real evictions.
 func (a *attachment) Stats() (probes.Stats, error) {
-	c, err := bpfload.Counters(a.objs.Counters, nCounters)
+	before, err := bpfload.Counters(a.objs.Counters, nCounters)
 	if err != nil {
 		return probes.Stats{}, err
 	}
-	return probes.Stats{Lost: c[ctrLost] + c[ctrUnsupported], Evicted: a.swept.Load()}, nil
+	a.statsMu.Lock()
+	defer a.statsMu.Unlock()
+	maps := [nMaps]struct {
+		m        *ebpf.Map
+		add, del int
+	}{
+		mapServers: {a.objs.Servers, ctrServersAdd, ctrServersDel},
+		mapCtxs:    {a.objs.ServerCtxs, ctrCtxsAdd, ctrCtxsDel},
+		mapClients: {a.objs.Clients, ctrClientsAdd, ctrClientsDel},
+	}
+	var (
+		after []uint64
+		total uint64
+	)
+	for i, m := range maps {
+		inFlight := int64(before[m.add]) - int64(before[m.del]) - int64(a.swept[i]) - int64(a.evicted[i])
+		if inFlight >= a.evictFloor {
+			live, err := countKeys(m.m)
+			if err != nil {
+				return probes.Stats{}, err
+			}
+			if after == nil {
+				if after, err = bpfload.Counters(a.objs.Counters, nCounters); err != nil {
+					return probes.Stats{}, err
+				}
+			}
+			n := int64(before[m.add]) - int64(after[m.del]) - int64(a.swept[i]) - live
+			if n > int64(a.evicted[i]) {
+				a.evicted[i] = uint64(n)
+			}
+		}
+		total += a.swept[i] + a.evicted[i]
+	}
+	return probes.Stats{Lost: before[ctrLost] + before[ctrUnsupported], Evicted: total}, nil
 }
 
 func (a *attachment) Close() error {

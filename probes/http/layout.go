@@ -10,7 +10,10 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"reflect"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 	"unsafe"
@@ -32,6 +35,9 @@ type layout struct {
 	respItab                                  uint64 // runtime address
 	reqSize, urlSize                          uint64 // bytes copied at once
 	respLo                                    uint64 // first byte of response read at return
+	reqURI                                    uint64
+	responseLo                                uint64 // first byte of Response read at return
+	ctxRoot                                   uint64 // data word of context.Background()
 	ctxWalk                                   bool
 }
 
@@ -58,6 +64,7 @@ func computeLayout() (layout, error) {
 		reqRemoteAddr:    uint64(unsafe.Offsetof(r.RemoteAddr)),
 		reqContentLength: uint64(unsafe.Offsetof(r.ContentLength)),
 		reqPattern:       uint64(unsafe.Offsetof(r.Pattern)),
+		reqURI:           uint64(unsafe.Offsetof(r.RequestURI)),
 		urlHost:          uint64(unsafe.Offsetof(u.Host)),
 		urlPath:          uint64(unsafe.Offsetof(u.Path)),
 		responseStatus:   uint64(unsafe.Offsetof(resp.StatusCode)),
@@ -112,7 +119,7 @@ func computeLayout() (layout, error) {
 	// copy; it copies at most objMax bytes.
 	l.reqSize = uint64(reflect.TypeFor[http.Request]().Size())
 	l.urlSize = uint64(reflect.TypeFor[url.URL]().Size())
-	for _, o := range []uint64{l.reqMethod, l.reqURL, l.reqHost, l.reqRemoteAddr, l.reqContentLength, l.reqCtx} {
+	for _, o := range []uint64{l.reqMethod, l.reqURL, l.reqHost, l.reqRemoteAddr, l.reqContentLength, l.reqCtx, l.reqURI} {
 		if o+16 > min(l.reqSize, objMax) {
 			return l, fmt.Errorf("http.Request field at %d is beyond the %d bytes copied (%w)", o, objMax, errLayout)
 		}
@@ -126,6 +133,18 @@ func computeLayout() (layout, error) {
 	l.respLo = min(l.respStatus, l.respWritten)
 	if max(l.respStatus, l.respWritten)-l.respLo > 56 {
 		return l, fmt.Errorf("http.response's status and written are too far apart (%w)", errLayout)
+	}
+	// client_return copies 96 bytes of the Response from responseLo.
+	l.responseLo = min(l.responseStatus, l.responseLength)
+	if max(l.responseStatus, l.responseLength)-l.responseLo > 88 {
+		return l, fmt.Errorf("http.Response's StatusCode and ContentLength are too far apart (%w)", errLayout)
+	}
+	// Where a client's context chain ends: Background and TODO are
+	// zero-size values, whose data word is the runtime's zerobase.
+	bg, todo := context.Background(), context.TODO()
+	l.ctxRoot = uint64(uintptr((*iface)(unsafe.Pointer(&bg)).data))
+	if t := uint64(uintptr((*iface)(unsafe.Pointer(&todo)).data)); t != l.ctxRoot {
+		l.ctxRoot = 0 // not a shared zero-size value: walk as before
 	}
 	return l, nil
 }
@@ -256,3 +275,43 @@ type pipeAddr struct{}
 
 func (pipeAddr) Network() string { return "pipe" }
 func (pipeAddr) String() string  { return "pipe" }
+
+// readOnlyRange returns the address range of the executable's first run
+// of contiguous mappings without write permission (text and read-only
+// data, where Go puts string constants), from a /proc/<pid>/maps file.
+func readOnlyRange(maps, exe string) (lo, hi uint64, err error) {
+	path, err := os.Readlink(exe)
+	if err != nil {
+		return 0, 0, fmt.Errorf("resolving the executable: %w", err)
+	}
+	data, err := os.ReadFile(maps)
+	if err != nil {
+		return 0, 0, fmt.Errorf("reading the mappings: %w", err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 6 || strings.Join(f[5:], " ") != path {
+			continue
+		}
+		start, end, ok := strings.Cut(f[0], "-")
+		s, err1 := strconv.ParseUint(start, 16, 64)
+		e, err2 := strconv.ParseUint(end, 16, 64)
+		if !ok || err1 != nil || err2 != nil {
+			return 0, 0, fmt.Errorf("malformed mapping %q", line)
+		}
+		if strings.Contains(f[1], "w") || (hi != 0 && s != hi) {
+			if hi != 0 {
+				break
+			}
+			continue
+		}
+		if hi == 0 {
+			lo = s
+		}
+		hi = e
+	}
+	if hi == 0 {
+		return 0, 0, fmt.Errorf("no read-only mapping of %s", path)
+	}
+	return lo, hi, nil
+}

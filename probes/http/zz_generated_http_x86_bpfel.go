@@ -13,6 +13,15 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type httpBPFConnCache struct {
+	_       structs.HostLayout
+	Goid    uint64
+	Bufr    uint64
+	PeerLen uint32
+	Pad     uint32
+	Peer    [48]int8
+}
+
 type httpBPFHttpEvent struct {
 	_            structs.HostLayout
 	StartNs      uint64
@@ -69,11 +78,17 @@ type httpBPFHttpOffsets struct {
 	UrlSize          uint64
 	RespLo           uint64
 	CtxWalk          uint64
+	ReqUri           uint64
+	ResponseLo       uint64
+	CtxRoot          uint64
+	RoLo             uint64
+	RoHi             uint64
 }
 
 type httpBPFScratch struct {
 	_   structs.HostLayout
 	S   httpBPFServerState
+	Cc  httpBPFConnCache
 	Req [528]int8
 	Url [528]int8
 	Hdr [8192]int8
@@ -98,6 +113,7 @@ type httpBPFSpanCtx struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	httpBPFMapClients           = "clients"
+	httpBPFMapConns             = "conns"
 	httpBPFMapCounters          = "counters"
 	httpBPFMapEvents            = "events"
 	httpBPFMapScopeCgroup       = "scope_cgroup"
@@ -169,6 +185,7 @@ type httpBPFProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type httpBPFMapSpecs struct {
 	Clients     *ebpf.MapSpec `ebpf:"clients"`
+	Conns       *ebpf.MapSpec `ebpf:"conns"`
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	ScopeCgroup *ebpf.MapSpec `ebpf:"scope_cgroup"`
@@ -210,6 +227,7 @@ func (o *httpBPFObjects) Close() error {
 // It can be passed to loadHttpBPFObjects or ebpf.CollectionSpec.LoadAndAssign.
 type httpBPFMaps struct {
 	Clients     *ebpf.Map `ebpf:"clients"`
+	Conns       *ebpf.Map `ebpf:"conns"`
 	Counters    *ebpf.Map `ebpf:"counters"`
 	Events      *ebpf.Map `ebpf:"events"`
 	ScopeCgroup *ebpf.Map `ebpf:"scope_cgroup"`
@@ -221,6 +239,7 @@ type httpBPFMaps struct {
 func (m *httpBPFMaps) Close() error {
 	return _HttpBPFClose(
 		m.Clients,
+		m.Conns,
 		m.Counters,
 		m.Events,
 		m.ScopeCgroup,
