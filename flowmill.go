@@ -87,6 +87,7 @@ type Session struct {
 	probes  []probes.Probe // the selected families, for the exporter
 	atts    []attached
 	readers []*ringread.Reader
+	running atomic.Pointer[[]*ringread.Reader] // readers, once all run
 	wg      sync.WaitGroup
 	read    atomic.Uint64
 
@@ -139,6 +140,7 @@ func Start(ctx context.Context, opts ...Option) (*Session, error) {
 		RingSize:    c.ringSize,
 		WakeupBytes: c.wakeupBytes,
 		BootTime:    clock.Time,
+		Sync:        s.sync,
 	}
 	for _, p := range c.probes {
 		a, err := p.Attach(env)
@@ -165,8 +167,20 @@ func Start(ctx context.Context, opts ...Option) (*Session, error) {
 			}
 		})
 	}
+	s.running.Store(&s.readers)
 	s.stop = context.AfterFunc(ctx, func() { s.Close() })
 	return s, nil
+}
+
+// sync implements probes.Env.Sync.
+func (s *Session) sync() {
+	readers := s.running.Load()
+	if readers == nil {
+		return
+	}
+	for _, rd := range *readers {
+		rd.Sync()
+	}
 }
 
 // Close reads the events the kernel has already produced and delivers them,

@@ -69,6 +69,12 @@ type Env struct {
 	WakeupBytes uint64
 	// BootTime converts kernel CLOCK_MONOTONIC nanoseconds to wall time.
 	BootTime func(ktimeNS uint64) time.Time
+	// Sync returns once the session has handled every record its probes'
+	// kernel programs submitted before the call, rather than on the next
+	// timed drain. A probe answering another family's question about
+	// kernel state calls it first. It must not be called from a Ring's
+	// Handle, and is a no-op before Start returns and after Close.
+	Sync func()
 }
 
 // Ring is an event ring buffer and the function that decodes and publishes

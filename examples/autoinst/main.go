@@ -77,15 +77,17 @@ func main() {
 	srv := &http.Server{Addr: *addr, Handler: mux}
 	go func() {
 		<-ctx.Done()
+		// Record what was observed while the connections are still
+		// open (spans carry their TCP state), then stop serving.
+		done, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		s.Close()
+		fexp.Shutdown(done)
+		tp.Shutdown(done)
 		srv.Close()
 	}()
 	log.Printf("listening on %s", *addr)
 	if err := srv.ListenAndServe(); err != http.ErrServerClosed {
-		log.Print(err)
+		log.Fatal(err)
 	}
-	done, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	s.Close()
-	fexp.Shutdown(done)
-	tp.Shutdown(done)
 }

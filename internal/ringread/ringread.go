@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -21,6 +22,10 @@ type Reader struct {
 	handle   func([]byte)
 	read     *atomic.Uint64
 	stopping atomic.Bool
+
+	mu      sync.Mutex
+	waiters []chan struct{} // Sync calls waiting for the next flush
+	done    bool            // Run has returned
 }
 
 // New opens a reader on m. Each record is passed to handle, valid only for
@@ -36,6 +41,12 @@ func New(m *ebpf.Map, interval time.Duration, handle func([]byte), read *atomic.
 // Run reads until Stop or Close. It returns nil then, and the error
 // otherwise.
 func (r *Reader) Run() error {
+	defer func() {
+		r.mu.Lock()
+		r.done = true
+		r.mu.Unlock()
+		r.release()
+	}()
 	var rec ringbuf.Record
 	r.rd.SetDeadline(time.Now().Add(r.interval))
 	for {
@@ -50,11 +61,45 @@ func (r *Reader) Run() error {
 			if r.stopping.Load() {
 				return nil // everything submitted before Stop was read
 			}
+			r.release()
 		case errors.Is(err, ringbuf.ErrClosed):
 			return nil
 		default:
 			return fmt.Errorf("reading ring buffer: %w", err)
 		}
+	}
+}
+
+// release wakes the Sync calls waiting for this flush; after Run returned,
+// it also makes later ones return at once.
+func (r *Reader) release() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, w := range r.waiters {
+		close(w)
+	}
+	r.waiters = nil
+}
+
+// Sync returns once Run has handled every record the kernel submitted
+// before the call (or Run has stopped, or a second has passed). It lets a
+// probe that answers a question about the kernel's state first catch up
+// with the records already waiting, instead of waiting for the timer.
+func (r *Reader) Sync() {
+	w := make(chan struct{})
+	r.mu.Lock()
+	if r.done || r.stopping.Load() {
+		r.mu.Unlock()
+		return
+	}
+	r.waiters = append(r.waiters, w)
+	r.mu.Unlock()
+	if err := r.rd.Flush(); err != nil {
+		return
+	}
+	select {
+	case <-w:
+	case <-time.After(time.Second):
 	}
 }
 

@@ -40,6 +40,7 @@ type openFlow struct {
 type poller struct {
 	netns uint32
 	topic *probes.Topic[ConnStats]
+	sync  func() // catches up with the session's rings; nil in tests
 
 	mu     sync.Mutex
 	flows  map[tuple]openFlow
@@ -55,8 +56,9 @@ type poller struct {
 	done chan struct{}
 }
 
-// newPoller starts the poller; interval 0 sends no ConnStats.
-func newPoller(interval time.Duration, topic *probes.Topic[ConnStats]) (*poller, error) {
+// newPoller starts the poller; interval 0 sends no ConnStats. sync is the
+// session's probes.Env.Sync.
+func newPoller(interval time.Duration, topic *probes.Topic[ConnStats], sync func()) (*poller, error) {
 	ns, err := netnsInode("/proc/self/ns/net")
 	if err != nil {
 		return nil, err
@@ -64,6 +66,7 @@ func newPoller(interval time.Duration, topic *probes.Topic[ConnStats]) (*poller,
 	p := &poller{
 		netns:  ns,
 		topic:  topic,
+		sync:   sync,
 		flows:  make(map[tuple]openFlow),
 		byPeer: make(map[netip.AddrPort]tuple),
 		dumped: make(map[netip.AddrPort]probes.TCPConnInfo),
@@ -131,34 +134,46 @@ func (p *poller) stop() {
 // address matches any connection to remote.
 func (p *poller) TCPConn(local, remote netip.AddrPort) (probes.TCPConnInfo, bool) {
 	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
-	if local.IsValid() {
-		if s, err := sockdiag.Get(local, remote); err == nil {
+	if info, ok := p.lookup(local, remote); ok {
+		return info, true
+	}
+	// The record of a connection opened or closed moments ago may still be
+	// waiting in the ring buffer: catch up, then look again.
+	if p.sync != nil {
+		p.sync()
+		if info, ok := p.lookup(local, remote); ok {
+			return info, true
+		}
+	}
+	if !local.IsValid() {
+		return p.fromDump(remote) // opened before the session started
+	}
+	return probes.TCPConnInfo{}, false
+}
+
+// lookup answers from the sockets the probe knows: the kernel's counters of
+// an open one, the final counters of one closed within recentFor.
+func (p *poller) lookup(local, remote netip.AddrPort) (probes.TCPConnInfo, bool) {
+	k, ok := tuple{local, remote}, true
+	if !local.IsValid() {
+		p.mu.Lock()
+		k, ok = p.byPeer[remote]
+		p.mu.Unlock()
+	}
+	if ok {
+		if s, err := sockdiag.Get(k.local, k.remote); err == nil {
 			return infoOf(s.Info), true
 		}
-	} else if info, ok := p.byRemote(remote); ok {
-		return info, true
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.recent.find(local, remote, time.Now())
 }
 
-// byRemote finds an open connection by its remote address alone: among the
-// flows the probe knows, else in a dump of the namespace's sockets (the
-// probe reads its records on a timer, so a connection opened moments ago
-// may not be known yet). Dumps are rate-limited to one per dumpEvery; a
-// caller may wait that long.
-func (p *poller) byRemote(remote netip.AddrPort) (probes.TCPConnInfo, bool) {
-	p.mu.Lock()
-	k, ok := p.byPeer[remote]
-	p.mu.Unlock()
-	if ok {
-		s, err := sockdiag.Get(k.local, k.remote)
-		if err == nil {
-			return infoOf(s.Info), true
-		}
-		return probes.TCPConnInfo{}, false
-	}
+// fromDump finds an established connection by its remote address in a dump
+// of the namespace's sockets. Dumps are rate-limited to one per dumpEvery;
+// a caller may wait that long.
+func (p *poller) fromDump(remote netip.AddrPort) (probes.TCPConnInfo, bool) {
 	p.dumpMu.Lock()
 	defer p.dumpMu.Unlock()
 	if info, ok := p.dumped[remote]; ok {

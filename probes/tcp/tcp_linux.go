@@ -65,7 +65,7 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 		a.objs.Close()
 		return nil, fmt.Errorf("tcp: %w", err)
 	}
-	if a.poller, err = newPoller(p.interval, a.stats); err != nil {
+	if a.poller, err = newPoller(p.interval, a.stats, env.Sync); err != nil {
 		a.Close()
 		return nil, fmt.Errorf("tcp: %w", err)
 	}
