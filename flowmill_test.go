@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -128,5 +129,61 @@ func TestCloseDeliversPending(t *testing.T) {
 	}
 	if n != 2 {
 		t.Errorf("Close delivered %d close events, want 2", n)
+	}
+}
+
+// A function subscriber sees the same events as a channel subscriber, and
+// none after stop.
+func TestSubscribeFunc(t *testing.T) {
+	s := start(t, context.Background())
+	var mu sync.Mutex
+	var ports []int
+	stop, err := flowmill.SubscribeFunc(s, func(e *tcp.ConnClosed) {
+		mu.Lock()
+		ports = append(ports, int(e.Local.Port()))
+		mu.Unlock()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, _ := flowmill.Subscribe[tcp.ConnClosed](s)
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	c, _ := net.Dial("tcp4", ln.Addr().String())
+	c.Close()
+	want := c.LocalAddr().(*net.TCPAddr).Port
+	for e := range ch.Events() {
+		if int(e.Local.Port()) == want {
+			break
+		}
+	}
+	stop()
+	stop()
+	mu.Lock()
+	n := len(ports)
+	found := slices.Contains(ports, want)
+	mu.Unlock()
+	if !found {
+		t.Fatalf("function subscriber did not see port %d: %v", want, ports)
+	}
+	c, _ = net.Dial("tcp4", ln.Addr().String())
+	c.Close()
+	time.Sleep(200 * time.Millisecond)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(ports) != n {
+		t.Errorf("called after stop: %v", ports[n:])
 	}
 }

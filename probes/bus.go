@@ -48,11 +48,32 @@ func Produce[T any](b *Bus) *Topic[T] {
 // Subscribe adds a subscriber with a channel buffer of size buf to the topic
 // of T. It fails when no attached probe produces T.
 func Subscribe[T any](b *Bus, buf int) (*Sub[T], error) {
+	t, err := produced[T](b)
+	if err != nil {
+		return nil, err
+	}
+	return t.subscribe(&Sub[T]{c: make(chan T, buf)}), nil
+}
+
+func produced[T any](b *Bus) (*Topic[T], error) {
 	t := topicOf[T](b, false)
 	if t == nil || !t.produced.Load() {
 		return nil, fmt.Errorf("no probe in this session produces %v: add its family with flowmill.WithProbes", reflect.TypeFor[T]())
 	}
-	return t.subscribe(buf), nil
+	return t, nil
+}
+
+// SubscribeFunc adds a subscriber that is handed each event of type T by a
+// call of fn, on the publisher's goroutine, with the topic locked: fn must
+// be quick, must not block, must not keep v after it returns, and must not
+// close its own subscription. After Close returns, fn is not called again.
+// It fails when no attached probe produces T.
+func SubscribeFunc[T any](b *Bus, fn func(v *T)) (*Sub[T], error) {
+	t, err := produced[T](b)
+	if err != nil {
+		return nil, err
+	}
+	return t.subscribe(&Sub[T]{fn: fn}), nil
 }
 
 // Dropped counts the events all subscribers of this bus missed, including
@@ -79,6 +100,7 @@ type Topic[T any] struct {
 	subs     []*Sub[T]
 	closed   bool
 	drops    *atomic.Uint64 // the bus's total
+	scratch  T              // what function subscribers are handed; guarded by mu
 }
 
 // Active reports whether anyone subscribes; producers may skip decoding
@@ -92,6 +114,13 @@ func (t *Topic[T]) Publish(v *T) {
 	}
 	t.mu.Lock()
 	for _, s := range t.subs {
+		if s.fn != nil {
+			// A copy in the topic, so that v does not escape (and
+			// the publisher's event needs no allocation).
+			t.scratch = *v
+			s.fn(&t.scratch)
+			continue
+		}
 		select {
 		case s.c <- *v:
 		default:
@@ -102,13 +131,12 @@ func (t *Topic[T]) Publish(v *T) {
 	t.mu.Unlock()
 }
 
-func (t *Topic[T]) subscribe(buf int) *Sub[T] {
-	s := &Sub[T]{c: make(chan T, buf), t: t}
+func (t *Topic[T]) subscribe(s *Sub[T]) *Sub[T] {
+	s.t = t
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
-		close(s.c)
-		s.done = true
+		s.end()
 		return s
 	}
 	t.subs = append(t.subs, s)
@@ -129,8 +157,7 @@ func (t *Topic[T]) remove(s *Sub[T]) {
 		}
 	}
 	t.n.Store(int32(len(t.subs)))
-	s.done = true
-	close(s.c)
+	s.end()
 }
 
 func (t *Topic[T]) close() {
@@ -138,23 +165,31 @@ func (t *Topic[T]) close() {
 	defer t.mu.Unlock()
 	t.closed = true
 	for _, s := range t.subs {
-		s.done = true
-		close(s.c)
+		s.end()
 	}
 	t.subs = nil
 	t.n.Store(0)
 }
 
-// Sub is one subscriber of a topic.
+// Sub is one subscriber of a topic: a channel, or a function.
 type Sub[T any] struct {
 	c       chan T
+	fn      func(*T)
 	t       *Topic[T]
 	dropped atomic.Uint64
 	done    bool // guarded by t.mu
 }
 
+// end marks s unsubscribed and closes its channel; t.mu is held.
+func (s *Sub[T]) end() {
+	s.done = true
+	if s.c != nil {
+		close(s.c)
+	}
+}
+
 // C is the subscriber's channel; it is closed by Close or when the session
-// ends.
+// ends. It is nil for a function subscriber.
 func (s *Sub[T]) C() <-chan T { return s.c }
 
 // Dropped counts events this subscriber missed because its buffer was full.

@@ -206,3 +206,25 @@ func TestRecentlyClosed(t *testing.T) {
 		t.Errorf("%d entries, bound %d", len(r.entries), recentMax)
 	}
 }
+
+// BenchmarkHandleFunc is decode and dispatch to a function subscriber
+// (flowmill.SubscribeFunc): no channel hand-off.
+func BenchmarkHandleFunc(b *testing.B) {
+	bus := probes.NewBus()
+	a := testAttachment(bus)
+	var n int
+	var bytes uint64
+	sub, _ := probes.SubscribeFunc(bus, func(e *ConnClosed) { n++; bytes += e.BytesSent })
+	e := sampleEvent()
+	raw := encode(b, &e)
+	b.ReportAllocs()
+	for b.Loop() {
+		a.handle(raw)
+	}
+	b.StopTimer()
+	sub.Close()
+	if n != b.N {
+		b.Fatalf("delivered %d of %d", n, b.N)
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds()/1e6, "Mevents/s")
+}

@@ -106,7 +106,10 @@ func (p *poller) open(c *Conn, e *tcpBPFTcpEvent) {
 	p.mu.Unlock()
 }
 
-func (p *poller) close(c *Conn, st *Stats, at time.Time) {
+func (p *poller) close(c *Conn, e *tcpBPFTcpEvent, st *Stats, at time.Time) {
+	if e.Tuple.Netns != p.netns {
+		return // never opened here
+	}
 	k := tuple{c.Local, c.Remote}
 	p.mu.Lock()
 	if f, ok := p.flows[k]; ok && f.conn.ID == c.ID {

@@ -111,7 +111,7 @@ func (a *attachment) handle(raw []byte) {
 			Stats:    stats(&e.Counts, e.RstSent, e.RstReceived),
 			Duration: time.Duration(e.TsNs - e.StartNs),
 		}
-		a.poller.close(&ev.Conn, &ev.Stats, ev.Time)
+		a.poller.close(&ev.Conn, e, &ev.Stats, ev.Time)
 		a.closed.Publish(&ev)
 	}
 }
