@@ -187,3 +187,33 @@ func kernelRelease() string {
 	}
 	return "Linux " + unix.ByteSliceToString(u.Release[:])
 }
+
+// CountKeys counts the entries of a hash map with 8-byte keys, one syscall
+// per entry. Entries come and go during the walk.
+func CountKeys(m *ebpf.Map) (int64, error) {
+	var key, next uint64
+	var n int64
+	err := m.NextKey(nil, &next)
+	for err == nil {
+		n++
+		key = next
+		err = m.NextKey(&key, &next)
+	}
+	if !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return n, fmt.Errorf("counting the entries of %v: %w", m, err)
+	}
+	return n, nil
+}
+
+// EvictionFloor is the number of live entries below which an LRU hash map
+// of maxEntries cannot have evicted: the kernel's LRU evicts once its free
+// nodes run out, and each possible CPU may hold a batch of them
+// (LOCAL_FREE_TARGET, 128) in reserve; twice that, to be safe. Walking the
+// map (CountKeys) to infer evictions is only worth it above the floor.
+func EvictionFloor(maxEntries uint32) (int64, error) {
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return 0, err
+	}
+	return int64(maxEntries) - min(int64(maxEntries)/2, 2*128*int64(cpus)), nil
+}

@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"os"
 	"reflect"
-	"runtime"
 	"sync"
 	"time"
 	"unsafe"
@@ -111,12 +110,16 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 	if err := spec.Variables["off"].Set(off); err != nil {
 		return nil, fmt.Errorf("http: setting field offsets: %w", err)
 	}
+	floor, err := bpfload.EvictionFloor(p.maxInFlight)
+	if err != nil {
+		return nil, fmt.Errorf("http: %w", err)
+	}
 	a := &attachment{
 		boot:       env.BootTime,
 		servers:    probes.Produce[ServerRequest](env.Bus),
 		clients:    probes.Produce[ClientRequest](env.Bus),
 		staleAfter: p.staleAfter,
-		evictFloor: evictFloor(p.maxInFlight),
+		evictFloor: floor,
 		roLo:       off.RoLo,
 		roHi:       off.RoHi,
 		stop:       make(chan struct{}),
@@ -459,31 +462,6 @@ const (
 	nMaps
 )
 
-// evictFloor is the number of entries below which an LRU map of max
-// entries cannot have evicted: the kernel's LRU evicts once its free nodes
-// run out, and each CPU may hold a batch of them (LOCAL_FREE_TARGET, 128)
-// in reserve.
-func evictFloor(max uint32) int64 {
-	return int64(max) - min(int64(max)/2, 2*128*int64(runtime.NumCPU()))
-}
-
-// countKeys counts the entries of a hash map. Entries come and go during
-// the walk; the count is only used for a lower bound of evictions.
-func countKeys(m *ebpf.Map) (int64, error) {
-	var key, next uint64
-	var n int64
-	err := m.NextKey(nil, &next)
-	for err == nil {
-		n++
-		key = next
-		err = m.NextKey(&key, &next)
-	}
-	if !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return n, fmt.Errorf("http: counting in-flight entries: %w", err)
-	}
-	return n, nil
-}
-
 // Stats reports records lost in the kernel (ring full, requests served by
 // an unsupported ResponseWriter) and in-flight entries lost: removed by
 // the sweeper as stale, or evicted by the LRU when more requests were in
@@ -516,7 +494,7 @@ func (a *attachment) Stats() (probes.Stats, error) {
 	for i, m := range maps {
 		inFlight := int64(before[m.add]) - int64(before[m.del]) - int64(a.swept[i]) - int64(a.evicted[i])
 		if inFlight >= a.evictFloor {
-			live, err := countKeys(m.m)
+			live, err := bpfload.CountKeys(m.m)
 			if err != nil {
 				return probes.Stats{}, err
 			}

@@ -1,7 +1,6 @@
 package tcp
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -9,7 +8,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/flowmill/flowmill/internal/kclock"
@@ -354,20 +352,4 @@ func infoStats(ti *unix.TCPInfo, state uint8, f *openFlow) Stats {
 		RTTVar:        usec(ti.Rttvar),
 		MinRTT:        usec(ti.Min_rtt),
 	}
-}
-
-// countKeys counts the entries of a hash map.
-func countKeys(m *ebpf.Map) (int, error) {
-	var key, next uint64
-	n := 0
-	err := m.NextKey(nil, &next)
-	for err == nil {
-		n++
-		key = next
-		err = m.NextKey(&key, &next)
-	}
-	if !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return n, fmt.Errorf("counting flows: %w", err)
-	}
-	return n, nil
 }

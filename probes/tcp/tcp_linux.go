@@ -34,17 +34,16 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 		return nil, fmt.Errorf("tcp: %w", err)
 	}
 	spec.Maps["flows"].MaxEntries = p.maxFlows
-	cpus, err := ebpf.PossibleCPU()
+	floor, err := bpfload.EvictionFloor(p.maxFlows)
 	if err != nil {
 		return nil, fmt.Errorf("tcp: %w", err)
 	}
 	a := &attachment{
-		dec:    decoder{boot: env.BootTime},
-		opened: probes.Produce[ConnOpened](env.Bus),
-		closed: probes.Produce[ConnClosed](env.Bus),
-		stats:  probes.Produce[ConnStats](env.Bus),
-		// Twice the per-CPU reserve, to be safe.
-		evictFloor: int64(p.maxFlows) - min(int64(p.maxFlows)/2, 2*128*int64(cpus)),
+		dec:        decoder{boot: env.BootTime},
+		opened:     probes.Produce[ConnOpened](env.Bus),
+		closed:     probes.Produce[ConnClosed](env.Bus),
+		stats:      probes.Produce[ConnStats](env.Bus),
+		evictFloor: floor,
 	}
 	if err := bpfload.Load(spec, env, &a.objs, func() *ebpf.Map { return a.objs.ScopeCgroup }); err != nil {
 		return nil, fmt.Errorf("tcp: %w", err)
@@ -125,12 +124,11 @@ func (a *attachment) Stats() (probes.Stats, error) {
 	defer a.statsMu.Unlock()
 	// Every flow inserted is still in the map, removed by our programs, or
 	// evicted by the LRU. Counting the map's entries costs a syscall per
-	// entry, so it is done only when the map may be full enough to evict:
-	// the kernel's LRU evicts once its free nodes run out, and each CPU
-	// may hold a batch of them (LOCAL_FREE_TARGET, 128) in reserve.
+	// entry, so it is done only when the map may be full enough to evict
+	// (bpfload.EvictionFloor).
 	inserted, removed := int64(c[ctrFlowNew]), int64(c[ctrFlowDone])
 	if inserted-removed-int64(a.evicted) >= a.evictFloor {
-		live, err := countKeys(a.objs.Flows)
+		live, err := bpfload.CountKeys(a.objs.Flows)
 		if err != nil {
 			return probes.Stats{}, err
 		}
