@@ -3,6 +3,7 @@
 package http
 
 import (
+	cryptorand "crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -109,6 +110,13 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 	}
 	if err := spec.Variables["off"].Set(off); err != nil {
 		return nil, fmt.Errorf("http: setting field offsets: %w", err)
+	}
+	var seed [8]byte
+	if _, err := cryptorand.Read(seed[:]); err != nil {
+		return nil, fmt.Errorf("http: seeding span IDs: %w", err)
+	}
+	if err := spec.Variables["id_seed"].Set(binary.NativeEndian.Uint64(seed[:])); err != nil {
+		return nil, fmt.Errorf("http: seeding span IDs: %w", err)
 	}
 	floor, err := bpfload.EvictionFloor(p.maxInFlight)
 	if err != nil {

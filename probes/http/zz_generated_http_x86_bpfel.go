@@ -116,6 +116,7 @@ const (
 	httpBPFMapConns             = "conns"
 	httpBPFMapCounters          = "counters"
 	httpBPFMapEvents            = "events"
+	httpBPFMapIdCounter         = "id_counter"
 	httpBPFMapScopeCgroup       = "scope_cgroup"
 	httpBPFMapScratch           = "scratch"
 	httpBPFMapServerCtxs        = "server_ctxs"
@@ -127,6 +128,7 @@ const (
 	httpBPFVarFmScopeKind       = "fm_scope_kind"
 	httpBPFVarFmScopeTgid       = "fm_scope_tgid"
 	httpBPFVarFmWakeupBytes     = "fm_wakeup_bytes"
+	httpBPFVarIdSeed            = "id_seed"
 	httpBPFVarOff               = "off"
 	httpBPFVarUnusedHttpEvent   = "unused_http_event"
 	httpBPFVarUnusedHttpOffsets = "unused_http_offsets"
@@ -188,6 +190,7 @@ type httpBPFMapSpecs struct {
 	Conns       *ebpf.MapSpec `ebpf:"conns"`
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
+	IdCounter   *ebpf.MapSpec `ebpf:"id_counter"`
 	ScopeCgroup *ebpf.MapSpec `ebpf:"scope_cgroup"`
 	Scratch     *ebpf.MapSpec `ebpf:"scratch"`
 	ServerCtxs  *ebpf.MapSpec `ebpf:"server_ctxs"`
@@ -201,6 +204,7 @@ type httpBPFVariableSpecs struct {
 	FmScopeKind       *ebpf.VariableSpec `ebpf:"fm_scope_kind"`
 	FmScopeTgid       *ebpf.VariableSpec `ebpf:"fm_scope_tgid"`
 	FmWakeupBytes     *ebpf.VariableSpec `ebpf:"fm_wakeup_bytes"`
+	IdSeed            *ebpf.VariableSpec `ebpf:"id_seed"`
 	Off               *ebpf.VariableSpec `ebpf:"off"`
 	UnusedHttpEvent   *ebpf.VariableSpec `ebpf:"unused_http_event"`
 	UnusedHttpOffsets *ebpf.VariableSpec `ebpf:"unused_http_offsets"`
@@ -230,6 +234,7 @@ type httpBPFMaps struct {
 	Conns       *ebpf.Map `ebpf:"conns"`
 	Counters    *ebpf.Map `ebpf:"counters"`
 	Events      *ebpf.Map `ebpf:"events"`
+	IdCounter   *ebpf.Map `ebpf:"id_counter"`
 	ScopeCgroup *ebpf.Map `ebpf:"scope_cgroup"`
 	Scratch     *ebpf.Map `ebpf:"scratch"`
 	ServerCtxs  *ebpf.Map `ebpf:"server_ctxs"`
@@ -242,6 +247,7 @@ func (m *httpBPFMaps) Close() error {
 		m.Conns,
 		m.Counters,
 		m.Events,
+		m.IdCounter,
 		m.ScopeCgroup,
 		m.Scratch,
 		m.ServerCtxs,
@@ -256,6 +262,7 @@ type httpBPFVariables struct {
 	FmScopeKind       *ebpf.Variable `ebpf:"fm_scope_kind"`
 	FmScopeTgid       *ebpf.Variable `ebpf:"fm_scope_tgid"`
 	FmWakeupBytes     *ebpf.Variable `ebpf:"fm_wakeup_bytes"`
+	IdSeed            *ebpf.Variable `ebpf:"id_seed"`
 	Off               *ebpf.Variable `ebpf:"off"`
 	UnusedHttpEvent   *ebpf.Variable `ebpf:"unused_http_event"`
 	UnusedHttpOffsets *ebpf.Variable `ebpf:"unused_http_offsets"`
