@@ -446,7 +446,9 @@ func TestChurn(t *testing.T) {
 		}
 	}()
 	const n = 3000
-	want := map[uint16]bool{}
+	// Client ports are reused within the run (the server side keeps the
+	// TIME_WAIT), so count connections per port and flow IDs per side.
+	want := map[uint16]int{}
 	for range n {
 		c, err := net.Dial("tcp4", ln.Addr().String())
 		if err != nil {
@@ -454,31 +456,36 @@ func TestChurn(t *testing.T) {
 		}
 		io.Copy(io.Discard, c)
 		c.Close()
-		want[port(c.LocalAddr())] = true
+		want[port(c.LocalAddr())]++
 	}
 	seen := map[uint16]int{}
-	servers := 0
+	clientIDs, serverIDs := map[uint64]bool{}, map[uint64]bool{}
 	timeout := time.After(20 * time.Second)
-	for len(seen) < n || servers < n {
+	for len(clientIDs) < n || len(serverIDs) < n {
 		select {
 		case e := <-closed.Events():
-			if e.Role == tcp.RoleClient && want[e.Local.Port()] {
+			if e.Role == tcp.RoleClient && want[e.Local.Port()] > 0 {
+				if clientIDs[e.ID] {
+					t.Fatalf("flow %d reported twice", e.ID)
+				}
+				clientIDs[e.ID] = true
 				seen[e.Local.Port()]++
 				if e.BytesReceived != 1 {
 					t.Fatalf("client %v received %d bytes, want 1", e.Local, e.BytesReceived)
 				}
-			} else if e.Role == tcp.RoleServer && want[e.Remote.Port()] {
-				servers++
+			} else if e.Role == tcp.RoleServer && want[e.Remote.Port()] > 0 {
+				if serverIDs[e.ID] {
+					t.Fatalf("flow %d reported twice", e.ID)
+				}
+				serverIDs[e.ID] = true
 			}
 		case <-timeout:
 			st, _ := s.Stats()
-			t.Fatalf("saw %d client and %d server closes of %d; session stats %+v", len(seen), servers, n, st)
+			t.Fatalf("saw %d client and %d server closes of %d; session stats %+v", len(clientIDs), len(serverIDs), n, st)
 		}
 	}
-	for p, k := range seen {
-		if k != 1 {
-			t.Errorf("port %d reported %d times", p, k)
-		}
+	if !maps.Equal(seen, want) {
+		t.Errorf("connections per client port differ from those made")
 	}
 	st, err := s.Stats()
 	if err != nil {
