@@ -61,7 +61,8 @@ func WithProcessScope(pid int) Option {
 }
 
 // WithCgroupScope observes the processes in a cgroup v2 directory (for
-// example /sys/fs/cgroup/system.slice/nginx.service) and its descendants.
+// example /sys/fs/cgroup/system.slice/nginx.service, or under
+// /sys/fs/cgroup/unified on hybrid systems) and its descendants.
 func WithCgroupScope(path string) Option {
 	return func(c *config) { c.scope = probes.Scope{Kind: probes.ScopeCgroup, CgroupPath: path} }
 }

@@ -3,6 +3,7 @@
 package tcp_test
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -23,6 +24,11 @@ import (
 // FLOWMILL_SEND bytes, reads until EOF, and exits.
 func TestMain(m *testing.M) {
 	switch os.Getenv("FLOWMILL_TCP_HELPER") {
+	case "client-wait":
+		// Wait for a line on stdin (the test moves us into a cgroup
+		// first), then behave as "client".
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		fallthrough
 	case "client":
 		n, _ := strconv.Atoi(os.Getenv("FLOWMILL_SEND"))
 		c, err := net.Dial("tcp", os.Getenv("FLOWMILL_ADDR"))

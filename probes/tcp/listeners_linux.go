@@ -7,10 +7,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 
 	"github.com/cilium/ebpf"
 
+	"github.com/flowmill/flowmill/internal/cgroupfs"
 	"github.com/flowmill/flowmill/probes"
 )
 
@@ -48,7 +48,7 @@ func seedListeners(m *ebpf.Map, scope probes.Scope) error {
 	}
 	var cgroupID uint64
 	if scope.Kind == probes.ScopeCgroup {
-		if cgroupID, err = inode(scope.CgroupPath); err != nil {
+		if cgroupID, err = cgroupfs.ID(scope.CgroupPath); err != nil {
 			return err
 		}
 	}
@@ -75,7 +75,7 @@ func seedListeners(m *ebpf.Map, scope probes.Scope) error {
 				if task = procTask(pid); task == nil {
 					break
 				}
-				if scope.Kind == probes.ScopeCgroup && !underCgroup(pid, scope.CgroupPath, cgroupID) {
+				if scope.Kind == probes.ScopeCgroup && !underCgroup(pid, cgroupID) {
 					break
 				}
 			}
@@ -132,47 +132,30 @@ func procTask(pid int) *tcpBPFFmTask {
 		}
 		t.Comm[i] = int8(c)
 	}
-	if p, err := cgroupPath(pid); err == nil {
-		t.CgroupId, _ = inode(filepath.Join("/sys/fs/cgroup", p))
+	if dir, err := cgroupfs.Dir(pid); err == nil {
+		t.CgroupId, _ = cgroupfs.ID(dir)
 	}
 	return t
 }
 
-// cgroupPath returns the process's cgroup v2 path ("0::/path").
-func cgroupPath(pid int) (string, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
-	if err != nil {
-		return "", err
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if p, ok := strings.CutPrefix(l, "0::"); ok {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("pid %d: no cgroup v2 entry", pid)
-}
-
-// underCgroup reports whether pid's cgroup is root or below it.
-func underCgroup(pid int, root string, rootID uint64) bool {
-	p, err := cgroupPath(pid)
+// underCgroup reports whether pid's cgroup is the one with rootID or below
+// it (compared by ID, so that any path to the scope's directory works).
+func underCgroup(pid int, rootID uint64) bool {
+	dir, err := cgroupfs.Dir(pid)
 	if err != nil {
 		return false
 	}
-	for dir := filepath.Join("/sys/fs/cgroup", p); strings.HasPrefix(dir, "/sys/fs/cgroup"); dir = filepath.Dir(dir) {
-		if id, err := inode(dir); err == nil && id == rootID {
+	top, err := cgroupfs.Root()
+	if err != nil {
+		return false
+	}
+	for ; cgroupfs.Under(dir, top); dir = filepath.Dir(dir) {
+		if id, err := cgroupfs.ID(dir); err == nil && id == rootID {
 			return true
 		}
-		if dir == "/sys/fs/cgroup" {
+		if dir == top {
 			break
 		}
 	}
 	return false
-}
-
-func inode(path string) (uint64, error) {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return 0, err
-	}
-	return fi.Sys().(*syscall.Stat_t).Ino, nil
 }

@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -20,6 +21,7 @@ import (
 	"time"
 
 	"github.com/flowmill/flowmill"
+	"github.com/flowmill/flowmill/internal/cgroupfs"
 	"github.com/flowmill/flowmill/internal/testutil"
 	"github.com/flowmill/flowmill/probes/tcp"
 )
@@ -424,6 +426,49 @@ func TestScope(t *testing.T) {
 		if _, other := run(t, flowmill.WithHostScope()); !other {
 			t.Error("host scope missed another process's connection")
 		}
+	})
+	t.Run("cgroup", func(t *testing.T) {
+		testutil.RequireBPF(t)
+		root, err := cgroupfs.Root()
+		if err != nil {
+			testutil.Unavailable(t, "cgroup v2: %v", err)
+		}
+		dir := filepath.Join(root, fmt.Sprintf("flowmill-test-%d", os.Getpid()))
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			testutil.Unavailable(t, "creating a cgroup: %v", err)
+		}
+		t.Cleanup(func() { os.Remove(dir) }) // runs last: after the child is gone
+		cmd := helperClient(t, ln.Addr().String(), 10)
+		cmd.Env = append(cmd.Env, "FLOWMILL_TCP_HELPER=client-wait")
+		stdin, err := cmd.StdinPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
+			t.Fatalf("moving the child into %s: %v", dir, err)
+		}
+		s := startSession(t, flowmill.WithCgroupScope(dir), flowmill.WithProbes(tcp.New()))
+		closed := subscribe[tcp.ConnClosed](t, s)
+		// Our own connection first: outside the cgroup, it must not come.
+		own, err := net.Dial("tcp4", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		own.Close()
+		stdin.Write([]byte("go\n"))
+		if err := cmd.Wait(); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, closed, "the cgroup member's connection", func(e *tcp.ConnClosed) bool {
+			if e.PID == uint32(os.Getpid()) {
+				t.Errorf("cgroup scope reported a connection of a process outside it: %+v", e.Conn)
+			}
+			return e.PID == uint32(cmd.Process.Pid) && e.Role == tcp.RoleClient
+		})
 	})
 }
 
