@@ -93,10 +93,23 @@ func TestExporterCountsChildren(t *testing.T) {
 	me := os.Getpid()
 	sh := int(run(t, "/bin/sh", "-c", "exit 3"))
 	tru := int(run(t, "/bin/true", "a", "b", "c"))
+	execs, err := flowmill.Subscribe[process.Exec](s)
+	if err != nil {
+		t.Fatal(err)
+	}
 	sleep := exec.Command("/bin/sleep", "60")
 	if err := sleep.Start(); err != nil {
 		t.Fatal(err)
 	}
+	// Kill it only once its exec completed: Start returns when the exec
+	// reaches its point of no return, and a SIGKILL from then on can still
+	// make the exec fail (mmap is killable), with no exec to report.
+	for e := range execs.Events() {
+		if e.PID == uint32(sleep.Process.Pid) {
+			break
+		}
+	}
+	execs.Close()
 	sleep.Process.Kill()
 	sleep.Wait()
 	killed := sleep.Process.Pid
