@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"runtime"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -75,14 +76,82 @@ var ErrNotFound = errors.New("sockdiag: no such socket")
 
 // Dump calls fn for every TCP socket (IPv4 and IPv6) in the namespace. The
 // Socket, and its Info, are valid only during the call.
-func Dump(fn func(*Socket)) error {
+func Dump(fn func(*Socket)) error { return DumpIn("", fn) }
+
+// DumpIn is Dump in the network namespace at netns (a path such as
+// /proc/PID/ns/net); "" is the calling thread's.
+func DumpIn(netns string, fn func(*Socket)) error {
 	for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		fd, err := socketIn(netns)
+		if err != nil {
+			return err
+		}
 		req := reqV2{Family: fam, Protocol: unix.IPPROTO_TCP, Ext: 1 << (inetDiagInfo - 1), States: allStates}
-		if err := query(&req, unix.NLM_F_DUMP, fn); err != nil {
+		err = query(fd, &req, unix.NLM_F_DUMP, fn)
+		unix.Close(fd)
+		if err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+func newSocket() (int, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return -1, fmt.Errorf("sockdiag: %w", err)
+	}
+	return fd, nil
+}
+
+// socketIn opens a sock_diag socket in the network namespace at netns. A
+// socket answers for the namespace it was created in, so only its creation
+// happens there: on a thread of its own, locked and moved into the
+// namespace and back. A thread that cannot be moved back is never
+// unlocked, so the runtime discards it rather than reuse it.
+func socketIn(netns string) (int, error) {
+	if netns == "" {
+		return newSocket()
+	}
+	type result struct {
+		fd  int
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		fd, restored, err := createIn(netns)
+		if restored {
+			runtime.UnlockOSThread()
+		}
+		done <- result{fd, err}
+	}()
+	r := <-done
+	return r.fd, r.err
+}
+
+func createIn(netns string) (fd int, restored bool, err error) {
+	self, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, true, fmt.Errorf("sockdiag: %w", err)
+	}
+	defer unix.Close(self)
+	target, err := unix.Open(netns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, true, fmt.Errorf("sockdiag: %w", err)
+	}
+	defer unix.Close(target)
+	if err := unix.Setns(target, unix.CLONE_NEWNET); err != nil {
+		return -1, true, fmt.Errorf("sockdiag: entering %s: %w", netns, err)
+	}
+	fd, err = newSocket()
+	if rerr := unix.Setns(self, unix.CLONE_NEWNET); rerr != nil {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+		return -1, false, fmt.Errorf("sockdiag: leaving %s: %w", netns, rerr)
+	}
+	return fd, true, err
 }
 
 // Get returns the TCP socket with these local and remote addresses, or
@@ -110,7 +179,7 @@ func Get(local, remote netip.AddrPort) (Socket, error) {
 		a, b := l.As4(), r.As4()
 		copy(req.ID.Src[:], a[:])
 		copy(req.ID.Dst[:], b[:])
-		err := query(&req, 0, keep)
+		err := queryOnce(&req, keep)
 		if found || (err != nil && !errors.Is(err, unix.ENOENT)) {
 			return out, err
 		}
@@ -119,7 +188,7 @@ func Get(local, remote netip.AddrPort) (Socket, error) {
 	}
 	req.Family = unix.AF_INET6
 	req.ID.Src, req.ID.Dst = l.As16(), r.As16()
-	if err := query(&req, 0, keep); err != nil && !errors.Is(err, unix.ENOENT) {
+	if err := queryOnce(&req, keep); err != nil && !errors.Is(err, unix.ENOENT) {
 		return out, err
 	}
 	if !found {
@@ -128,14 +197,18 @@ func Get(local, remote netip.AddrPort) (Socket, error) {
 	return out, nil
 }
 
-// query sends one request and calls fn for each socket in the answer.
-func query(req *reqV2, flags uint16, fn func(*Socket)) error {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+// queryOnce sends one request for one socket on a socket of its own.
+func queryOnce(req *reqV2, fn func(*Socket)) error {
+	fd, err := newSocket()
 	if err != nil {
-		return fmt.Errorf("sockdiag: %w", err)
+		return err
 	}
 	defer unix.Close(fd)
+	return query(fd, req, 0, fn)
+}
 
+// query sends one request on fd and calls fn for each socket in the answer.
+func query(fd int, req *reqV2, flags uint16, fn func(*Socket)) error {
 	const hdr = unix.SizeofNlMsghdr
 	msg := make([]byte, hdr+int(unsafe.Sizeof(*req)))
 	*(*unix.NlMsghdr)(unsafe.Pointer(&msg[0])) = unix.NlMsghdr{

@@ -186,17 +186,20 @@ func BenchmarkDecode(b *testing.B) {
 func TestRecentlyClosed(t *testing.T) {
 	var r recentlyClosed
 	t0 := time.Unix(1000, 0)
-	a := tuple{netip.MustParseAddrPort("127.0.0.1:80"), netip.MustParseAddrPort("127.0.0.1:5000")}
-	b := tuple{netip.MustParseAddrPort("127.0.0.1:81"), netip.MustParseAddrPort("127.0.0.1:5000")}
+	a := tuple{7, netip.MustParseAddrPort("127.0.0.1:80"), netip.MustParseAddrPort("127.0.0.1:5000")}
+	b := tuple{7, netip.MustParseAddrPort("127.0.0.1:81"), netip.MustParseAddrPort("127.0.0.1:5000")}
 	r.add(a, probes.TCPConnInfo{Retransmits: 1}, t0)
 	r.add(b, probes.TCPConnInfo{Retransmits: 2}, t0.Add(time.Second))
-	if i, ok := r.find(netip.AddrPort{}, a.remote, t0.Add(2*time.Second)); !ok || i.Retransmits != 2 {
+	if i, ok := r.find(7, netip.AddrPort{}, a.remote, t0.Add(2*time.Second)); !ok || i.Retransmits != 2 {
 		t.Errorf("by peer: %+v %v, want the newest", i, ok)
 	}
-	if i, ok := r.find(a.local, a.remote, t0.Add(2*time.Second)); !ok || i.Retransmits != 1 {
+	if i, ok := r.find(7, a.local, a.remote, t0.Add(2*time.Second)); !ok || i.Retransmits != 1 {
 		t.Errorf("by tuple: %+v %v", i, ok)
 	}
-	if _, ok := r.find(a.local, a.remote, t0.Add(recentFor+time.Millisecond)); ok {
+	if _, ok := r.find(8, a.local, a.remote, t0.Add(2*time.Second)); ok {
+		t.Error("found an entry of another network namespace")
+	}
+	if _, ok := r.find(7, a.local, a.remote, t0.Add(recentFor+time.Millisecond)); ok {
 		t.Error("found an entry older than recentFor")
 	}
 	for i := range recentMax + 10 {

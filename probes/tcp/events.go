@@ -79,10 +79,10 @@ type ConnOpened struct {
 }
 
 // ConnStats reports the counters of a connection that is still open. It is
-// sent for every open connection once per stats interval (for connections
-// in the session's network namespace: they are read from the kernel's
-// tcp_info through sock_diag). Resets are known only at close: ResetsSent
-// and ResetsReceived are zero here.
+// sent for every open connection once per stats interval, read from the
+// kernel's tcp_info through sock_diag in the connection's network
+// namespace. Resets are known only at close: ResetsSent and ResetsReceived
+// are zero here.
 type ConnStats struct {
 	// Time the counters were read.
 	Time time.Time

@@ -43,6 +43,35 @@ func TestMain(m *testing.M) {
 		io.Copy(io.Discard, c)
 		c.Close()
 		os.Exit(0)
+	case "netns":
+		// In a network namespace of our own (the test starts us so):
+		// bring up lo, open a connection to ourselves, send
+		// FLOWMILL_SEND bytes on it, say "ready" and wait for stdin.
+		if out, err := exec.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "ip link set lo up: %v: %s", err, out)
+			os.Exit(2)
+		}
+		n, _ := strconv.Atoi(os.Getenv("FLOWMILL_SEND"))
+		ln, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		go func() {
+			c, err := ln.Accept()
+			if err == nil {
+				io.Copy(io.Discard, c)
+			}
+		}()
+		c, err := net.Dial("tcp4", ln.Addr().String())
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		c.Write(make([]byte, n))
+		fmt.Println("ready")
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		os.Exit(0)
 	case "start":
 		// Unprivileged: report whether Start fails with ErrPermission.
 		_, err := flowmill.Start(context.Background(), flowmill.WithProbes(tcp.New()))

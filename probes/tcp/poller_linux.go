@@ -17,6 +17,7 @@ import (
 
 // tuple identifies a socket in one network namespace.
 type tuple struct {
+	netns         uint32
 	local, remote netip.AddrPort
 }
 
@@ -28,13 +29,12 @@ type openFlow struct {
 	seq          uint64 // when it was opened, in poller.seq units
 }
 
-// poller keeps the open connections of the session's network namespace,
-// learnt from the ConnOpened/ConnClosed records, and, with a stats
-// interval, sends their ConnStats: it reads their counters from the
-// kernel's tcp_info with a sock_diag dump, the same numbers ss -ti shows,
-// with no work per packet. Connections in other namespaces cannot be read
-// this way. It also answers other families' questions about connections
-// (probes.TCPConns).
+// poller keeps the open connections, learnt from the ConnOpened/ConnClosed
+// records, and, with a stats interval, sends their ConnStats: it reads
+// their counters from the kernel's tcp_info with a sock_diag dump per
+// network namespace, the same numbers ss -ti shows, with no work per
+// packet. It also answers other families' questions about connections of
+// the session's own namespace (probes.TCPConns).
 type poller struct {
 	netns uint32
 	topic *probes.Topic[ConnStats]
@@ -88,13 +88,13 @@ func netnsInode(path string) (uint32, error) {
 }
 
 func (p *poller) open(c *Conn, e *tcpBPFTcpEvent) {
-	if e.Tuple.Netns != p.netns {
-		return
-	}
+	k := tuple{e.Tuple.Netns, c.Local, c.Remote}
 	p.mu.Lock()
 	p.seq++
-	p.byPeer[c.Remote] = tuple{c.Local, c.Remote}
-	p.flows[tuple{c.Local, c.Remote}] = openFlow{
+	if k.netns == p.netns {
+		p.byPeer[c.Remote] = k
+	}
+	p.flows[k] = openFlow{
 		conn:         *c,
 		startNS:      e.StartNs,
 		baseAcked:    e.Counts.BytesSent,
@@ -105,10 +105,7 @@ func (p *poller) open(c *Conn, e *tcpBPFTcpEvent) {
 }
 
 func (p *poller) close(c *Conn, e *tcpBPFTcpEvent, st *Stats, at time.Time) {
-	if e.Tuple.Netns != p.netns {
-		return // never opened here
-	}
-	k := tuple{c.Local, c.Remote}
+	k := tuple{e.Tuple.Netns, c.Local, c.Remote}
 	p.mu.Lock()
 	if f, ok := p.flows[k]; ok && f.conn.ID == c.ID {
 		p.forget(k)
@@ -155,7 +152,7 @@ func (p *poller) TCPConn(local, remote netip.AddrPort) (probes.TCPConnInfo, bool
 // lookup answers from the sockets the probe knows: the kernel's counters of
 // an open one, the final counters of one closed within recentFor.
 func (p *poller) lookup(local, remote netip.AddrPort) (probes.TCPConnInfo, bool) {
-	k, ok := tuple{local, remote}, true
+	k, ok := tuple{p.netns, local, remote}, true
 	if !local.IsValid() {
 		p.mu.Lock()
 		k, ok = p.byPeer[remote]
@@ -168,7 +165,7 @@ func (p *poller) lookup(local, remote netip.AddrPort) (probes.TCPConnInfo, bool)
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.recent.find(local, remote, time.Now())
+	return p.recent.find(p.netns, local, remote, time.Now())
 }
 
 // fromDump finds an established connection by its remote address in a dump
@@ -256,11 +253,11 @@ func (r *recentlyClosed) prune(now time.Time) {
 	r.entries = r.entries[i:]
 }
 
-func (r *recentlyClosed) find(local, remote netip.AddrPort, now time.Time) (probes.TCPConnInfo, bool) {
+func (r *recentlyClosed) find(netns uint32, local, remote netip.AddrPort, now time.Time) (probes.TCPConnInfo, bool) {
 	r.prune(now)
 	for i := len(r.entries) - 1; i >= 0; i-- {
 		e := &r.entries[i]
-		if e.k.remote == remote && (!local.IsValid() || e.k.local == local) {
+		if e.k.netns == netns && e.k.remote == remote && (!local.IsValid() || e.k.local == local) {
 			return e.info, true
 		}
 	}
@@ -281,6 +278,32 @@ func (p *poller) run(interval time.Duration) {
 	}
 }
 
+// namespaces returns, for each network namespace with open flows, a path
+// to enter it: "" for the session's own, else /proc/PID/ns/net of a flow's
+// owner that is still in it. A namespace none of whose owners can be found
+// is left out (its flows are dropped by report as gone).
+func (p *poller) namespaces() map[uint32]string {
+	p.mu.Lock()
+	owners := map[uint32][]uint32{}
+	for k, f := range p.flows {
+		if k.netns != p.netns && len(owners[k.netns]) < 4 {
+			owners[k.netns] = append(owners[k.netns], f.conn.PID)
+		}
+	}
+	p.mu.Unlock()
+	out := map[uint32]string{p.netns: ""}
+	for netns, pids := range owners {
+		for _, pid := range pids {
+			path := fmt.Sprintf("/proc/%d/ns/net", pid)
+			if ino, err := netnsInode(path); err == nil && ino == netns {
+				out[netns] = path
+				break
+			}
+		}
+	}
+	return out
+}
+
 // report reads tcp_info for every socket and publishes the open flows'.
 func (p *poller) report() {
 	p.mu.Lock()
@@ -295,12 +318,16 @@ func (p *poller) report() {
 		info  unix.TCPInfo
 	}
 	var got []reading // read without the lock: a dump can take a while
-	if err := sockdiag.Dump(func(s *sockdiag.Socket) {
-		if s.Info != nil {
-			got = append(got, reading{tuple{s.Local, s.Remote}, s.State, *s.Info})
+	spaces := p.namespaces()
+	for netns, path := range spaces {
+		err := sockdiag.DumpIn(path, func(s *sockdiag.Socket) {
+			if s.Info != nil {
+				got = append(got, reading{tuple{netns, s.Local, s.Remote}, s.State, *s.Info})
+			}
+		})
+		if err != nil {
+			return // transient; the next tick tries again
 		}
-	}); err != nil {
-		return // transient; the next tick tries again
 	}
 	now, mono := time.Now(), kclock.Now()
 
@@ -325,7 +352,7 @@ func (p *poller) report() {
 	// A flow opened before the dump and absent from it has gone without a
 	// close record (its entry was evicted from the kernel's flow map).
 	for k, f := range p.flows {
-		if f.seq <= before && !seen[k] {
+		if _, read := spaces[k.netns]; read && f.seq <= before && !seen[k] {
 			p.forget(k)
 		}
 	}

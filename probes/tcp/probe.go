@@ -8,7 +8,7 @@
 // established and one when it ends; the counters are the socket's own,
 // read at close, so nothing runs per packet. Periodic ConnStats for open
 // connections are read from the kernel's tcp_info through sock_diag (what
-// ss -ti shows), for connections in the session's network namespace.
+// ss -ti shows), inside each connection's network namespace.
 //
 // The probe runs on Linux; elsewhere Attach fails with an error wrapping
 // probes.ErrNotSupported, so that programs using it still build.

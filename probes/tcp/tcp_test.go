@@ -3,6 +3,7 @@
 package tcp_test
 
 import (
+	"bufio"
 	"fmt"
 	"io"
 	"maps"
@@ -243,6 +244,34 @@ func TestPeriodicStatsMatchSS(t *testing.T) {
 	}
 	if e.PID != uint32(os.Getpid()) || e.Duration <= 300*time.Millisecond {
 		t.Errorf("stats event %+v", e)
+	}
+}
+
+// Periodic stats also cover connections in other network namespaces (a
+// container's, say) in host scope: they are read inside the namespace.
+func TestPeriodicStatsOtherNetns(t *testing.T) {
+	testutil.Need(t, exec.LookPath, "ip")
+	s := startSession(t, flowmill.WithHostScope(), flowmill.WithProbes(tcp.New(tcp.WithStatsInterval(200*time.Millisecond))))
+	stats := subscribe[tcp.ConnStats](t, s)
+	const n = 54321
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "FLOWMILL_TCP_HELPER=netns", "FLOWMILL_SEND="+strconv.Itoa(n))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
+	cmd.Stderr = os.Stderr
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
+	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("helper in its own network namespace: %q, %v", line, err)
+	}
+	e := waitFor(t, stats, "stats of the other namespace's connection", func(e *tcp.ConnStats) bool {
+		return e.PID == uint32(cmd.Process.Pid) && e.Role == tcp.RoleClient && e.BytesSent == n
+	})
+	if e.SegmentsOut == 0 || e.SRTT == 0 {
+		t.Errorf("stats %+v", e.Stats)
 	}
 }
 
