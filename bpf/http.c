@@ -587,6 +587,26 @@ static __always_inline int method_target(struct scratch *sc, struct http_event *
 
 /* ---- server ---- */
 
+/* begin_event starts the event of a request at its entry: the fields every
+ * kind sets the same way. The scratch event is reused: the rest is set by
+ * the caller. */
+static __always_inline void begin_event(struct pt_regs *ctx, struct http_event *e, __u8 kind)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	e->start_ns = bpf_ktime_get_ns();
+	e->end_ns = 0;
+	e->goid = goid(ctx);
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->kind = kind;
+	e->flags = 0;
+	e->status = 0;
+	e->err_itab = 0;
+	e->resp_length = 0;
+	e->route_len = 0;
+}
+
 SEC("uprobe")
 int server_enter(struct pt_regs *ctx)
 {
@@ -595,7 +615,7 @@ int server_enter(struct pt_regs *ctx)
 	struct server_state *s;
 	struct conn_cache *cc = NULL;
 	struct http_event *e;
-	__u64 key, req, url, id, bufr = 0;
+	__u64 key, req, url, bufr = 0;
 
 	/* ServeHTTP(rw ResponseWriter, req *Request): RBX, RCX = rw; RDI = req. */
 	if (ctx->bx != off.resp_itab) {
@@ -615,18 +635,7 @@ int server_enter(struct pt_regs *ctx)
 	s->resp = ctx->cx;
 	s->ctx = obj_u64(sc->req, off.req_ctx + 8);
 
-	e->start_ns = bpf_ktime_get_ns();
-	e->end_ns = 0;
-	e->goid = goid(ctx);
-	id = bpf_get_current_pid_tgid();
-	e->pid = id >> 32;
-	e->tid = (__u32)id;
-	e->kind = HTTP_SERVER;
-	e->flags = 0;
-	e->status = 0;
-	e->err_itab = 0;
-	e->resp_length = 0;
-	e->route_len = 0;
+	begin_event(ctx, e, HTTP_SERVER);
 	e->host_len = 0;
 	e->path_len = 0;
 	e->span_id = rand64();
@@ -775,7 +784,7 @@ int client_enter(struct pt_regs *ctx)
 	struct scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
 	struct http_event *e;
 	struct span_ctx *p = NULL;
-	__u64 key, req, url, id;
+	__u64 key, req, url;
 
 	if (!sc)
 		return 0;
@@ -786,19 +795,8 @@ int client_enter(struct pt_regs *ctx)
 	if (obj_read(sc->req, off.req_size, req))
 		return 0;
 
-	e->start_ns = bpf_ktime_get_ns();
-	e->end_ns = 0;
-	e->goid = goid(ctx);
-	id = bpf_get_current_pid_tgid();
-	e->pid = id >> 32;
-	e->tid = (__u32)id;
-	e->kind = HTTP_CLIENT;
-	e->flags = 0;
-	e->status = 0;
-	e->err_itab = 0;
-	e->resp_length = 0;
+	begin_event(ctx, e, HTTP_CLIENT);
 	e->peer_len = 0;
-	e->route_len = 0;
 	e->req_length = obj_u64(sc->req, off.req_content_length);
 	{
 		/* Methods are usually constants (http.MethodGet): passed by
