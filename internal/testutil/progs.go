@@ -46,6 +46,19 @@ func OwnPrograms(t testing.TB) []ebpf.ProgramID {
 	return ids
 }
 
+// ProgramsSince lists the programs this process holds now and did not hold
+// in held (an earlier OwnPrograms): those a session started since loaded.
+func ProgramsSince(t testing.TB, held []ebpf.ProgramID) []ebpf.ProgramID {
+	t.Helper()
+	var ids []ebpf.ProgramID
+	for _, id := range OwnPrograms(t) {
+		if !slices.Contains(held, id) {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
 // ProgramsGone fails t unless every program in ids is unloaded within two
 // seconds (the kernel frees programs after an RCU grace period).
 func ProgramsGone(t testing.TB, ids []ebpf.ProgramID) {

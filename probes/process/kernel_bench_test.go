@@ -5,10 +5,7 @@ package process_test
 import (
 	"context"
 	"os/exec"
-	"slices"
 	"testing"
-
-	"github.com/cilium/ebpf"
 
 	"github.com/flowmill/flowmill"
 	"github.com/flowmill/flowmill/internal/testutil"
@@ -32,12 +29,7 @@ func BenchmarkKernel(b *testing.B) {
 			s, err := flowmill.Start(context.Background(), append(bc.opts, flowmill.WithProbes(process.New()))...)
 			testutil.CheckStart(b, err)
 			b.Cleanup(func() { s.Close() })
-			var ours []ebpf.ProgramID
-			for _, id := range testutil.OwnPrograms(b) {
-				if !slices.Contains(held, id) {
-					ours = append(ours, id)
-				}
-			}
+			ours := testutil.ProgramsSince(b, held)
 			sub, _ := flowmill.Subscribe[process.Exec](s) // decode execs too
 			go func() {
 				for range sub.Events() {

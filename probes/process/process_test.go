@@ -13,8 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-
 	"github.com/flowmill/flowmill"
 	"github.com/flowmill/flowmill/internal/testutil"
 	"github.com/flowmill/flowmill/probes/process"
@@ -37,7 +35,7 @@ func start(t *testing.T, opts ...flowmill.Option) *session {
 	opts = append(opts, flowmill.WithProbes(process.New()), flowmill.WithMaxLatency(10*time.Millisecond))
 	s, err := flowmill.Start(context.Background(), opts...)
 	testutil.CheckStart(t, err)
-	ours := newIDs(held, testutil.OwnPrograms(t))
+	ours := testutil.ProgramsSince(t, held)
 	if len(ours) != 3 {
 		t.Errorf("the session holds %d programs, want 3: %v", len(ours), ours)
 	}
@@ -64,17 +62,6 @@ func start(t *testing.T, opts ...flowmill.Option) *session {
 		t.Fatal(err)
 	}
 	return ss
-}
-
-// newIDs returns the programs in after that are not in before.
-func newIDs(before, after []ebpf.ProgramID) []ebpf.ProgramID {
-	var ids []ebpf.ProgramID
-	for _, id := range after {
-		if !slices.Contains(before, id) {
-			ids = append(ids, id)
-		}
-	}
-	return ids
 }
 
 // run runs a command to completion and returns its PID.

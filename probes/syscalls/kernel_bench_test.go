@@ -4,11 +4,8 @@ package syscalls_test
 
 import (
 	"context"
-	"slices"
 	"syscall"
 	"testing"
-
-	"github.com/cilium/ebpf"
 
 	"github.com/flowmill/flowmill"
 	"github.com/flowmill/flowmill/internal/testutil"
@@ -38,12 +35,7 @@ func BenchmarkKernel(b *testing.B) {
 			s, err := flowmill.Start(context.Background(), append(bc.opts, flowmill.WithProbes(syscalls.New()))...)
 			testutil.CheckStart(b, err)
 			b.Cleanup(func() { s.Close() })
-			var ours []ebpf.ProgramID
-			for _, id := range testutil.OwnPrograms(b) {
-				if !slices.Contains(held, id) {
-					ours = append(ours, id)
-				}
-			}
+			ours := testutil.ProgramsSince(b, held)
 			start := testutil.RunStats(b, ours)
 			for b.Loop() {
 				syscall.RawSyscall(syscall.SYS_GETPID, 0, 0, 0)

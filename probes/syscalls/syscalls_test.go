@@ -13,8 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-
 	"github.com/flowmill/flowmill"
 	"github.com/flowmill/flowmill/internal/testutil"
 	"github.com/flowmill/flowmill/probes/syscalls"
@@ -37,12 +35,7 @@ func start(t *testing.T, p *syscalls.Probe, opts ...flowmill.Option) *flowmill.S
 	held := testutil.OwnPrograms(t)
 	s, err := flowmill.Start(context.Background(), append(opts, flowmill.WithProbes(p))...)
 	testutil.CheckStart(t, err)
-	var ours []ebpf.ProgramID
-	for _, id := range testutil.OwnPrograms(t) {
-		if !slices.Contains(held, id) {
-			ours = append(ours, id)
-		}
-	}
+	ours := testutil.ProgramsSince(t, held)
 	if len(ours) < 2 {
 		t.Errorf("the session holds %d programs, want at least 2: %v", len(ours), ours)
 	}
