@@ -9,8 +9,9 @@ import (
 	"github.com/flowmill/flowmill/probes"
 )
 
-// Attach fails: the probe reads Go's amd64 register ABI with uprobes, on
-// Linux only.
+// Attach fails: the probe attaches uprobes (Linux only) at offsets found by
+// decoding x86-64 machine code, and reads arguments and the goroutine from
+// the registers of Go's amd64 ABIInternal.
 func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
-	return nil, fmt.Errorf("http: %w: the HTTP probe needs linux/amd64, this is %s/%s", probes.ErrNotSupported, runtime.GOOS, runtime.GOARCH)
+	return nil, fmt.Errorf("http: %w: the HTTP probe needs linux/amd64 (it decodes x86-64 code and reads Go's amd64 register ABI), this is %s/%s", probes.ErrNotSupported, runtime.GOOS, runtime.GOARCH)
 }
