@@ -97,12 +97,19 @@ func stampText(k kernel) string {
 
 // locate finds the kernel image and its release in the unpacked tree.
 func (p *prepared) locate() error {
+	// boot/vmlinuz-<release>, or (Debian's 7.x packages) lib/modules/<release>/vmlinuz.
 	imgs, _ := filepath.Glob(filepath.Join(p.ModRoot, "boot", "vmlinuz-*"))
-	if len(imgs) != 1 {
-		return fmt.Errorf("kernel %s: want one boot/vmlinuz-* in %s, found %d", p.Name, p.ModRoot, len(imgs))
+	mods, _ := filepath.Glob(filepath.Join(p.ModRoot, "lib", "modules", "*", "vmlinuz"))
+	switch {
+	case len(imgs) == 1 && len(mods) == 0:
+		p.Vmlinuz = imgs[0]
+		p.Release = strings.TrimPrefix(filepath.Base(imgs[0]), "vmlinuz-")
+	case len(imgs) == 0 && len(mods) == 1:
+		p.Vmlinuz = mods[0]
+		p.Release = filepath.Base(filepath.Dir(mods[0]))
+	default:
+		return fmt.Errorf("kernel %s: want one kernel image in %s, found %d", p.Name, p.ModRoot, len(imgs)+len(mods))
 	}
-	p.Vmlinuz = imgs[0]
-	p.Release = strings.TrimPrefix(filepath.Base(imgs[0]), "vmlinuz-")
 	if _, err := os.Stat(filepath.Join(p.ModRoot, "lib", "modules", p.Release)); err != nil {
 		return fmt.Errorf("kernel %s: no modules for %s: %w", p.Name, p.Release, err)
 	}
@@ -179,10 +186,15 @@ func (p *prepared) buildInitrd() error {
 	if err != nil {
 		return err
 	}
-	args := append([]string{"-d", p.ModRoot, "-S", p.Release, "-a", "--show-depends"}, bootModules...)
-	out, err := exec.Command("modprobe", args...).Output()
-	if err != nil {
-		return fmt.Errorf("modprobe --show-depends for %s: %w", p.Release, err)
+	// One module at a time: a module built into the kernel is unknown to
+	// modprobe when the package ships no modules.builtin (Debian's 7.x).
+	var out []byte
+	for _, m := range bootModules {
+		deps, err := exec.Command("modprobe", "-d", p.ModRoot, "-S", p.Release, "--show-depends", m).Output()
+		if err != nil {
+			continue // built in; if not, the guest says it cannot mount the share
+		}
+		out = append(out, deps...)
 	}
 	var buf bytes.Buffer
 	c := &cpioWriter{w: &buf}
