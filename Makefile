@@ -4,13 +4,16 @@
 #   make test-tools install the peers the tests drive: curl, ss, nft, prometheus
 #   make generate  recompile bpf/*.c into the committed probes/*/zz_generated_*
 #   make test      run the tests (privileged tests need root)
+#   make test-kernels run the privileged suite on other kernels under QEMU
+#                  (KERNELS=5.10,6.1 to choose; see internal/vmtest)
+#   make test-go   run the Go-internals probes' tests with every supported Go
 #   make bench     run the benchmarks
 #   make lint      gofmt and go vet
 
 GO ?= go
 TEST_FLAGS ?= -race -count=1
 
-.PHONY: all tools test-tools generate test bench lint check-generated
+.PHONY: all tools test-tools generate test test-kernels test-go bench lint check-generated
 
 all: lint test
 
@@ -20,7 +23,8 @@ tools:
 
 test-tools:
 	apt-get update
-	apt-get install -y --no-install-recommends curl iproute2 nftables prometheus
+	apt-get install -y --no-install-recommends curl iproute2 nftables prometheus \
+		qemu-system-x86 busybox-static kmod xz-utils zstd
 
 generate:
 	$(GO) generate ./...
@@ -31,6 +35,18 @@ check-generated: generate
 
 test:
 	$(GO) test $(TEST_FLAGS) ./...
+
+# The kernels of the matrix are pinned in internal/vmtest/kernels.go.
+KERNELS ?= all
+KERNEL_PKGS ?= ./...
+test-kernels:
+	$(GO) run ./internal/vmtest test -kernels $(KERNELS) $(KERNEL_PKGS)
+
+# Go releases whose runtime and net/http internals probes/http reads.
+GO_RELEASES ?= go1.26.8 go1.27.4
+GO_PKGS ?= ./probes/http/ ./internal/goexe/
+test-go:
+	for v in $(GO_RELEASES); do GOTOOLCHAIN=$$v $(GO) version && GOTOOLCHAIN=$$v $(GO) test $(TEST_FLAGS) $(GO_PKGS) || exit 1; done
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...

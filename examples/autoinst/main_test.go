@@ -8,11 +8,11 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/flowmill/flowmill/internal/testprog"
 	"github.com/flowmill/flowmill/internal/testutil"
 )
 
@@ -21,10 +21,7 @@ import (
 // is in the same trace as the traceparent sent.
 func TestAutoinst(t *testing.T) {
 	testutil.RequireBPF(t)
-	bin := filepath.Join(t.TempDir(), "autoinst")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := testutil.Program(t, testprog.Autoinst)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

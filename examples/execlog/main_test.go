@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flowmill/flowmill/internal/testprog"
 	"github.com/flowmill/flowmill/internal/testutil"
 )
 
@@ -21,10 +22,7 @@ import (
 func TestExeclog(t *testing.T) {
 	testutil.RequireBPF(t)
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "execlog")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
+	bin := testutil.Program(t, testprog.Execlog)
 	sh := exec.Command("/bin/sh", "-c", "read x; /bin/true a b c; exit 3")
 	in, _ := sh.StdinPipe()
 	if err := sh.Start(); err != nil {

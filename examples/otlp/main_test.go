@@ -19,6 +19,7 @@ import (
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
 	"google.golang.org/grpc"
 
+	"github.com/flowmill/flowmill/internal/testprog"
 	"github.com/flowmill/flowmill/internal/testutil"
 )
 
@@ -100,7 +101,7 @@ func TestOTLPReceiverGetsTheExample(t *testing.T) {
 	go srv.Serve(ln)
 	t.Cleanup(srv.Stop)
 
-	ex, _ := testutil.StartExample(t, regexp.MustCompile(`observing process \d+ .*OTLP/gRPC`),
+	ex, _ := testutil.StartExample(t, testprog.OTLP, regexp.MustCompile(`observing process \d+ .*OTLP/gRPC`),
 		[]string{
 			"OTEL_EXPORTER_OTLP_ENDPOINT=http://" + ln.Addr().String(),
 			"OTEL_METRIC_EXPORT_INTERVAL=200",

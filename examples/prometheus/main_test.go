@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flowmill/flowmill/internal/testprog"
 	"github.com/flowmill/flowmill/internal/testutil"
 )
 
@@ -23,7 +24,7 @@ import (
 func TestPrometheusScrapesTheExample(t *testing.T) {
 	testutil.RequireBPF(t)
 	testutil.Need(t, exec.LookPath, "go", "prometheus")
-	ex, m := testutil.StartExample(t, regexp.MustCompile(`observing process \d+ .*metrics on http://(\S+)/metrics`), nil,
+	ex, m := testutil.StartExample(t, testprog.Prometheus, regexp.MustCompile(`observing process \d+ .*metrics on http://(\S+)/metrics`), nil,
 		"-addr", "127.0.0.1:0", "-pid", strconv.Itoa(os.Getpid()), "-interval", "100ms")
 	target := m[1]
 	prom := startPrometheus(t, target)

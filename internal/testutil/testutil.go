@@ -8,13 +8,13 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/flowmill/flowmill/internal/testprog"
 	"github.com/flowmill/flowmill/probes"
 )
 
@@ -54,6 +54,17 @@ func CheckStart(t testing.TB, err error) {
 		}
 	}
 	t.Fatalf("start: %v", err)
+}
+
+// Program returns the path of test program p (see testprog), built into a
+// directory removed in t.Cleanup.
+func Program(t testing.TB, p testprog.Program) string {
+	t.Helper()
+	bin, err := testprog.Build(p, t.TempDir())
+	if err != nil {
+		t.Fatalf("building a test program: %v", err)
+	}
+	return bin
 }
 
 // Need skips (or fails) t when a command the test drives is not installed.
@@ -107,17 +118,14 @@ func Transfer(t testing.TB, n int) (port int, client, server net.Conn) {
 	return ln.Addr().(*net.TCPAddr).Port, client, server
 }
 
-// StartExample builds the main package in the test's directory, starts it with
+// StartExample builds the example program p (see testprog), starts it with
 // args and the extra environment env, and waits until a line of its
 // standard error matches ready; it returns the submatches. The process is
 // interrupted (and killed after 10s) in t.Cleanup; stop it earlier with
 // Example.Stop.
-func StartExample(t testing.TB, ready *regexp.Regexp, env []string, args ...string) (*Example, []string) {
+func StartExample(t testing.TB, p testprog.Program, ready *regexp.Regexp, env []string, args ...string) (*Example, []string) {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "example")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("building the example: %v\n%s", err, out)
-	}
+	bin := Program(t, p)
 	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()

@@ -36,6 +36,8 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+
+	"github.com/flowmill/flowmill/internal/testprog"
 )
 
 func main() {
@@ -147,8 +149,19 @@ func execCmd(ctx context.Context, args []string) (int, error) {
 	if err != nil {
 		return 2, err
 	}
+	tmp, err := os.MkdirTemp("", "vmtest-progs-")
+	if err != nil {
+		return 2, err
+	}
+	defer os.RemoveAll(tmp)
+	progs, err := buildPrograms(tmp)
+	if err != nil {
+		return 2, err
+	}
+	shares = append(shares, share{tmp})
 	var script strings.Builder
 	script.WriteString(guestEnv())
+	fmt.Fprintf(&script, "export %s=%s\n", testprog.PrebuiltEnv, shellQuote(progs))
 	fmt.Fprintf(&script, "cd %s || exit 125\n", shellQuote(wd))
 	script.WriteString(shellQuote(bin))
 	for _, a := range fs.Args()[1:] {

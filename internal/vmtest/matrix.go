@@ -13,6 +13,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/flowmill/flowmill/internal/testprog"
 )
 
 // hostKernel names the machine's own kernel in -kernels: the binaries run
@@ -73,6 +75,10 @@ func testCmd(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	progs, err := buildPrograms(bins)
+	if err != nil {
+		return err
+	}
 	binArgs := []string{"-test.v", "-test.count=1", "-test.timeout=" + timeout.String()}
 	if *run != "" {
 		binArgs = append(binArgs, "-test.run="+*run)
@@ -98,9 +104,9 @@ func testCmd(ctx context.Context, args []string) error {
 			defer func() { <-sem }()
 			var err error
 			if k.Name == hostKernel {
-				err = runHost(ctx, pkgs, binArgs, report)
+				err = runHost(ctx, pkgs, progs, binArgs, report)
 			} else {
-				err = runGuest(ctx, prepared[k.Name], pkgs, binArgs, *cpus, *mem, *timeout*time.Duration(len(pkgs)), report)
+				err = runGuest(ctx, prepared[k.Name], pkgs, progs, binArgs, *cpus, *mem, *timeout*time.Duration(len(pkgs)), report)
 			}
 			if err != nil {
 				mu.Lock()
@@ -187,15 +193,26 @@ func buildTests(dir string, patterns []string) ([]testPkg, error) {
 	return pkgs, nil
 }
 
+// buildPrograms builds the programs tests run (testprog.All) into
+// dir/progs, for $FLOWMILL_PREBUILT.
+func buildPrograms(dir string) (string, error) {
+	progs := filepath.Join(dir, "progs")
+	if err := os.Mkdir(progs, 0o755); err != nil {
+		return "", err
+	}
+	return progs, testprog.BuildAll(progs)
+}
+
 // runGuest boots p once and runs every package's tests in it, reporting
 // each package as soon as the guest finishes it.
-func runGuest(ctx context.Context, p *prepared, pkgs []testPkg, binArgs []string, cpus, mem int, timeout time.Duration, report func(result)) error {
+func runGuest(ctx context.Context, p *prepared, pkgs []testPkg, progs string, binArgs []string, cpus, mem int, timeout time.Duration, report func(result)) error {
 	shares, err := commonShares(filepath.Dir(pkgs[0].Bin))
 	if err != nil {
 		return err
 	}
 	var s strings.Builder
 	s.WriteString(guestEnv())
+	fmt.Fprintf(&s, "export %s=%s\n", testprog.PrebuiltEnv, shellQuote(progs))
 	s.WriteString("mkdir -p /run/vmtest/out\n")
 	for i, pk := range pkgs {
 		fmt.Fprintf(&s, "cd %s && { read t0 _ </proc/uptime; %s", shellQuote(pk.Dir), shellQuote(pk.Bin))
@@ -268,10 +285,11 @@ func runGuest(ctx context.Context, p *prepared, pkgs []testPkg, binArgs []string
 }
 
 // runHost runs the binaries on this machine, as the guests do.
-func runHost(ctx context.Context, pkgs []testPkg, binArgs []string, report func(result)) error {
+func runHost(ctx context.Context, pkgs []testPkg, progs string, binArgs []string, report func(result)) error {
 	for _, pk := range pkgs {
 		cmd := exec.CommandContext(ctx, pk.Bin, binArgs...)
 		cmd.Dir = pk.Dir
+		cmd.Env = append(os.Environ(), testprog.PrebuiltEnv+"="+progs)
 		t0 := time.Now()
 		out, err := cmd.CombinedOutput()
 		rc := 0

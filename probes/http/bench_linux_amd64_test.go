@@ -7,6 +7,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/flowmill/flowmill/internal/testprog"
 )
 
 // BenchmarkOverhead measures, side by side in one run, a small loopback
@@ -31,7 +33,7 @@ func BenchmarkOverhead(b *testing.B) {
 	modes := []string{"none", "empty", "probe"}
 	children := map[string]*child{}
 	for _, m := range modes {
-		children[m] = start(b, "", "-mode", m, "-quiet")
+		children[m] = start(b, testprog.HTTPServer, "-mode", m, "-quiet")
 	}
 	tr := &http.Transport{MaxIdleConnsPerHost: 1}
 	defer tr.CloseIdleConnections()

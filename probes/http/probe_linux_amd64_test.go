@@ -19,6 +19,7 @@ import (
 
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/flowmill/flowmill/internal/testprog"
 	"github.com/flowmill/flowmill/internal/testutil"
 	fmhttp "github.com/flowmill/flowmill/probes/http"
 )
@@ -45,25 +46,24 @@ var (
 	built   = map[string]string{}
 )
 
-// build compiles testdata/server with the given -ldflags, once per test
+// build returns test program prog (testdata/server, see testprog), built once per test
 // binary.
-func build(t testing.TB, ldflags string) string {
+func build(t testing.TB, prog testprog.Program) string {
 	t.Helper()
 	buildMu.Lock()
 	defer buildMu.Unlock()
-	if bin, ok := built[ldflags]; ok {
+	if bin, ok := built[prog.Name()]; ok {
 		return bin
 	}
 	dir, err := os.MkdirTemp("", "flowmill-http-test-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	bin := filepath.Join(dir, "server")
-	cmd := exec.Command("go", "build", "-ldflags="+ldflags, "-o", bin, "./testdata/server")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("building the test server: %v\n%s", err, out)
+	bin, err := testprog.Build(prog, dir)
+	if err != nil {
+		t.Fatalf("building the test server: %v", err)
 	}
-	built[ldflags] = bin
+	built[prog.Name()] = bin
 	return bin
 }
 
@@ -75,11 +75,11 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// start runs the test server built with ldflags and waits until it serves.
-func start(t testing.TB, ldflags string, args ...string) *child {
+// start runs test program prog and waits until it serves.
+func start(t testing.TB, prog testprog.Program, args ...string) *child {
 	t.Helper()
 	testutil.RequireBPF(t)
-	bin := build(t, ldflags)
+	bin := build(t, prog)
 	cmd := exec.Command(bin, args...)
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
@@ -201,9 +201,12 @@ func curl(t *testing.T, args ...string) (status, port int) {
 	return status, port
 }
 
-var builds = []struct{ name, ldflags string }{
-	{"default", ""},
-	{"stripped", "-s -w"},
+var builds = []struct {
+	name string
+	prog testprog.Program
+}{
+	{"default", testprog.HTTPServer},
+	{"stripped", testprog.HTTPServerStripped},
 }
 
 // TestServerSpans: every request, from curl and from a Go client, yields
@@ -213,7 +216,7 @@ func TestServerSpans(t *testing.T) {
 	testutil.Need(t, exec.LookPath, "curl")
 	for _, b := range builds {
 		t.Run(b.name, func(t *testing.T) {
-			c := start(t, b.ldflags)
+			c := start(t, b.prog)
 			if !c.status.Server || !c.status.Client {
 				t.Fatalf("status %+v: want server and client instrumented", c.status)
 			}
@@ -300,7 +303,7 @@ func TestServerSpans(t *testing.T) {
 // that trace, child of that span.
 func TestTraceparent(t *testing.T) {
 	testutil.Need(t, exec.LookPath, "curl")
-	c := start(t, "-s -w")
+	c := start(t, testprog.HTTPServerStripped)
 	const tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 	curl(t, "-H", "traceparent: "+tp, c.url("/hello"))
 	curl(t, "-H", "TraceParent:"+strings.Replace(tp, "-01", "-00", 1), "-H", "X-Other: 1", c.url("/users/1"))
@@ -344,7 +347,7 @@ func TestTraceparent(t *testing.T) {
 // handler's span, found by goroutine (/proxy) or by context from another
 // goroutine (/fanout); a failed request reports its error type.
 func TestClientSpans(t *testing.T) {
-	c := start(t, "")
+	c := start(t, testprog.HTTPServer)
 	for _, p := range []string{"/proxy", "/fanout", "/refused"} {
 		resp, err := http.Get(c.url(p))
 		if err != nil {
@@ -385,7 +388,7 @@ func TestClientSpans(t *testing.T) {
 // traceparent; every span must carry its own request's path and status,
 // and each proxied client span must be the child of its own server span.
 func TestConcurrent(t *testing.T) {
-	c := start(t, "")
+	c := start(t, testprog.HTTPServer)
 	const n = 400
 	tr := &http.Transport{MaxIdleConnsPerHost: 100}
 	defer tr.CloseIdleConnections()

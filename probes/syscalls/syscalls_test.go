@@ -8,12 +8,12 @@ import (
 	"encoding/json"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/flowmill/flowmill"
+	"github.com/flowmill/flowmill/internal/testprog"
 	"github.com/flowmill/flowmill/internal/testutil"
 	"github.com/flowmill/flowmill/probes/syscalls"
 )
@@ -21,12 +21,7 @@ import (
 // buildSysloop builds the helper program into a temporary directory.
 func buildSysloop(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "sysloop")
-	out, err := exec.Command("go", "build", "-o", bin, "./testdata/sysloop").CombinedOutput()
-	if err != nil {
-		t.Fatalf("building the helper: %v\n%s", err, out)
-	}
-	return bin
+	return testutil.Program(t, testprog.SysLoop)
 }
 
 func start(t *testing.T, p *syscalls.Probe, opts ...flowmill.Option) *flowmill.Session {
