@@ -8,8 +8,9 @@
  *   sched_process_fork  a new process (new threads are ignored); in process
  *                       scope, the child joins the tracked tree
  *   sched_process_exec  a successful execve: filename and argv
- *   sched_process_exit  the last thread of a process exits (group_dead):
- *                       its wait status and lifetime
+ *   sched_process_exit  the last thread of a process exits (see
+ *                       pt_group_left in proctree.h): its wait status and
+ *                       lifetime
  *
  * Events follow the process rate, one record per hook hit in scope. Exec
  * records are variable-sized: the filename and the argv bytes actually read
@@ -159,16 +160,18 @@ int on_exec(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
+/* sched_process_exit(struct task_struct *p): one argument before Linux 6.16
+ * (group_dead came then); only args[0] is read, on every kernel. */
 SEC("raw_tracepoint/sched_process_exit")
 int on_exit(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct task_struct *t = (void *)ctx->args[0];
-	bool group_dead = ctx->args[1];
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct proc_event *e;
 
-	/* A thread ending is not a process exit. */
-	if (!group_dead || !pt_in_scope(tgid))
+	/* A thread ending is not a process exit; of the threads of an
+	 * exit_group, one reports. */
+	if (!pt_group_left(t) || !pt_in_scope(tgid) || !pt_claim_exit(t))
 		return 0;
 	pt_exit(tgid);
 	e = fm_reserve(sizeof(*e));

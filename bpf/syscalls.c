@@ -19,7 +19,6 @@
 #include "flowmill.h"
 #include "proctree.h"
 
-#define EEXIST 17
 /* x86 thread_info.status: a 32-bit (ia32) system call is running; its
  * number is from another table. */
 #define TS_COMPAT 0x0002
@@ -98,14 +97,17 @@ int on_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
+/* sched_process_exit(struct task_struct *p): one argument before Linux 6.16
+ * (group_dead came then); only args[0] is read, on every kernel. */
 SEC("raw_tracepoint/sched_process_exit")
 int on_exit(struct bpf_raw_tracepoint_args *ctx)
 {
-	bool group_dead = ctx->args[1];
+	struct task_struct *t = (void *)ctx->args[0];
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u64 now;
 
-	if (!group_dead || !pt_in_scope(tgid))
+	/* A thread ending is not a process exit (see pt_group_left). */
+	if (!pt_group_left(t) || !pt_in_scope(tgid) || !pt_claim_exit(t))
 		return 0;
 	pt_exit(tgid);
 	now = bpf_ktime_get_ns();

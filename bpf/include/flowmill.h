@@ -15,6 +15,8 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+#define EEXIST 17 /* a map update with BPF_NOEXIST found the key */
+
 /* Scope kinds; keep in sync with probes.ScopeKind. */
 enum fm_scope_kind {
 	FM_SCOPE_HOST = 0,

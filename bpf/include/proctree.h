@@ -10,6 +10,9 @@
  *
  * Include it after flowmill.h, and attach pt_fork/pt_exit (or call them)
  * from sched_process_fork and sched_process_exit.
+ *
+ * It also decides, at sched_process_exit, whether the exiting thread ends
+ * its process (pt_group_dead), the same way on every kernel.
  */
 #ifndef __FLOWMILL_PROCTREE_H__
 #define __FLOWMILL_PROCTREE_H__
@@ -57,6 +60,59 @@ static __always_inline void pt_exit(__u32 tgid)
 {
 	if (fm_scope_kind == FM_SCOPE_PROCESS)
 		bpf_map_delete_elem(&tracked, &tgid);
+}
+
+/* ---- the death of a thread group ----
+ *
+ * sched_process_exit fires once per exiting thread. Only since Linux 6.16
+ * does it pass group_dead; reading that argument makes the program fail to
+ * attach (EINVAL) on older kernels. Instead: do_exit has already run
+ * group_dead = atomic_dec_and_test(&tsk->signal->live) when the tracepoint
+ * fires, so signal->live == 0 means every thread of the group has passed
+ * that point. The count only falls once it reached 0 (no thread can be
+ * created in a dying group).
+ *
+ * But with exit_group(2) the threads exit concurrently: a thread whose
+ * decrement was not the last can still read 0, as can the last. So the
+ * first of them to get here claims the death in group_exits, keyed by the
+ * thread group ID and the start time of its leader (PIDs are reused; start
+ * times are not); the others see the claim and stay silent: they are the
+ * same death, not a loss. Claims are only needed for the moments the
+ * group's threads take to pass the tracepoint, so an LRU map that forgets
+ * old ones does. All threads of an exit_group carry the same exit code.
+ */
+struct pt_exit_key {
+	__u32 tgid;
+	__u32 pad;
+	__u64 start_ns; /* the group leader's start_time */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct pt_exit_key);
+	__type(value, __u8);
+} group_exits SEC(".maps");
+
+/* pt_group_left reports whether no thread of t's group is left alive (t is
+ * the exiting current task, at sched_process_exit). Cheap: one read. */
+static __always_inline bool pt_group_left(struct task_struct *t)
+{
+	return BPF_CORE_READ(t, signal, live.counter) == 0;
+}
+
+/* pt_claim_exit returns true for exactly one of the threads of t's group
+ * that found pt_group_left true: the one that reports the death. */
+static __always_inline bool pt_claim_exit(struct task_struct *t)
+{
+	struct pt_exit_key k = {};
+	__u8 one = 1;
+
+	k.tgid = BPF_CORE_READ(t, tgid);
+	k.start_ns = BPF_CORE_READ(t, group_leader, start_time);
+	/* Any other failure than a claim already made (the LRU map evicts
+	 * rather than fill up): report, rather than lose the exit. */
+	return bpf_map_update_elem(&group_exits, &k, &one, BPF_NOEXIST) != -EEXIST;
 }
 
 #endif /* __FLOWMILL_PROCTREE_H__ */

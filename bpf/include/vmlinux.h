@@ -162,7 +162,15 @@ struct mm_struct {
 };
 
 struct thread_info {
-	u32 status;
+	u32 status; /* x86 only */
+};
+
+typedef struct {
+	int counter;
+} atomic_t;
+
+struct signal_struct {
+	atomic_t live; /* threads of the group that have not yet exited */
 };
 
 struct task_struct {
@@ -171,6 +179,7 @@ struct task_struct {
 	struct task_struct *real_parent;
 	struct task_struct *group_leader;
 	struct mm_struct *mm;
+	struct signal_struct *signal;
 	int exit_code;
 	u64 start_time;
 	char comm[16];

@@ -41,6 +41,13 @@ type processBPFProcEvent struct {
 	Comm     [16]int8
 }
 
+type processBPFPtExitKey struct {
+	_       structs.HostLayout
+	Tgid    uint32
+	Pad     uint32
+	StartNs uint64
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -48,6 +55,7 @@ const (
 	processBPFMapCounters        = "counters"
 	processBPFMapEvents          = "events"
 	processBPFMapExecScratch     = "exec_scratch"
+	processBPFMapGroupExits      = "group_exits"
 	processBPFMapScopeCgroup     = "scope_cgroup"
 	processBPFMapTracked         = "tracked"
 	processBPFProgOnExec         = "on_exec"
@@ -114,6 +122,7 @@ type processBPFMapSpecs struct {
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	ExecScratch *ebpf.MapSpec `ebpf:"exec_scratch"`
+	GroupExits  *ebpf.MapSpec `ebpf:"group_exits"`
 	ScopeCgroup *ebpf.MapSpec `ebpf:"scope_cgroup"`
 	Tracked     *ebpf.MapSpec `ebpf:"tracked"`
 }
@@ -152,6 +161,7 @@ type processBPFMaps struct {
 	Counters    *ebpf.Map `ebpf:"counters"`
 	Events      *ebpf.Map `ebpf:"events"`
 	ExecScratch *ebpf.Map `ebpf:"exec_scratch"`
+	GroupExits  *ebpf.Map `ebpf:"group_exits"`
 	ScopeCgroup *ebpf.Map `ebpf:"scope_cgroup"`
 	Tracked     *ebpf.Map `ebpf:"tracked"`
 }
@@ -161,6 +171,7 @@ func (m *processBPFMaps) Close() error {
 		m.Counters,
 		m.Events,
 		m.ExecScratch,
+		m.GroupExits,
 		m.ScopeCgroup,
 		m.Tracked,
 	)

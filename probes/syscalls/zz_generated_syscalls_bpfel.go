@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type syscallsBPFPtExitKey struct {
+	_       structs.HostLayout
+	Tgid    uint32
+	Pad     uint32
+	StartNs uint64
+}
+
 type syscallsBPFScKey struct {
 	_    structs.HostLayout
 	Tgid uint32
@@ -27,6 +34,7 @@ const (
 	syscallsBPFMapCounts        = "counts"
 	syscallsBPFMapEvents        = "events"
 	syscallsBPFMapExited        = "exited"
+	syscallsBPFMapGroupExits    = "group_exits"
 	syscallsBPFMapScopeCgroup   = "scope_cgroup"
 	syscallsBPFMapTracked       = "tracked"
 	syscallsBPFProgOnExit       = "on_exit"
@@ -93,6 +101,7 @@ type syscallsBPFMapSpecs struct {
 	Counts      *ebpf.MapSpec `ebpf:"counts"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	Exited      *ebpf.MapSpec `ebpf:"exited"`
+	GroupExits  *ebpf.MapSpec `ebpf:"group_exits"`
 	ScopeCgroup *ebpf.MapSpec `ebpf:"scope_cgroup"`
 	Tracked     *ebpf.MapSpec `ebpf:"tracked"`
 }
@@ -131,6 +140,7 @@ type syscallsBPFMaps struct {
 	Counts      *ebpf.Map `ebpf:"counts"`
 	Events      *ebpf.Map `ebpf:"events"`
 	Exited      *ebpf.Map `ebpf:"exited"`
+	GroupExits  *ebpf.Map `ebpf:"group_exits"`
 	ScopeCgroup *ebpf.Map `ebpf:"scope_cgroup"`
 	Tracked     *ebpf.Map `ebpf:"tracked"`
 }
@@ -141,6 +151,7 @@ func (m *syscallsBPFMaps) Close() error {
 		m.Counts,
 		m.Events,
 		m.Exited,
+		m.GroupExits,
 		m.ScopeCgroup,
 		m.Tracked,
 	)
