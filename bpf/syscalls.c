@@ -82,8 +82,11 @@ int on_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 	/* ia32 calls are numbered from another table: not counted. Checked
 	 * on this slower path only: an ia32 process never has entries, so all
 	 * its calls come here; only a 64-bit process that also makes ia32
-	 * calls (int 0x80) with a number it already used would be miscounted. */
-	if (BPF_CORE_READ(t, thread_info.status) & TS_COMPAT)
+	 * calls (int 0x80) with a number it already used would be miscounted.
+	 * thread_info.status is x86's: elsewhere the check resolves to false
+	 * when the object is loaded, and the verifier skips the read. */
+	if (bpf_core_field_exists(struct thread_info, status) &&
+	    (BPF_CORE_READ(t, thread_info.status) & TS_COMPAT))
 		return 0;
 	err = bpf_map_update_elem(&counts, &key, &one, BPF_NOEXIST);
 	if (err == -EEXIST) {
