@@ -149,16 +149,14 @@ func execCmd(ctx context.Context, args []string) (int, error) {
 	if err != nil {
 		return 2, err
 	}
-	tmp, err := os.MkdirTemp("", "vmtest-progs-")
+	progs, err := buildPrograms()
+	if progs != "" {
+		defer os.RemoveAll(progs)
+	}
 	if err != nil {
 		return 2, err
 	}
-	defer os.RemoveAll(tmp)
-	progs, err := buildPrograms(tmp)
-	if err != nil {
-		return 2, err
-	}
-	shares = append(shares, share{tmp})
+	shares = append(shares, share{Path: progs, ReadOnly: true})
 	var script strings.Builder
 	script.WriteString(guestEnv())
 	fmt.Fprintf(&script, "export %s=%s\n", testprog.PrebuiltEnv, shellQuote(progs))

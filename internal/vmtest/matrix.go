@@ -75,7 +75,10 @@ func testCmd(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	progs, err := buildPrograms(bins)
+	progs, err := buildPrograms()
+	if progs != "" {
+		defer os.RemoveAll(progs)
+	}
 	if err != nil {
 		return err
 	}
@@ -193,11 +196,11 @@ func buildTests(dir string, patterns []string) ([]testPkg, error) {
 	return pkgs, nil
 }
 
-// buildPrograms builds the programs tests run (testprog.All) into
-// dir/progs, for $FLOWMILL_PREBUILT.
-func buildPrograms(dir string) (string, error) {
-	progs := filepath.Join(dir, "progs")
-	if err := os.Mkdir(progs, 0o755); err != nil {
+// buildPrograms builds the programs tests run (testprog.All) into a new
+// temporary directory, for $FLOWMILL_PREBUILT; guests get it read-only.
+func buildPrograms() (string, error) {
+	progs, err := os.MkdirTemp("", "vmtest-progs-")
+	if err != nil {
 		return "", err
 	}
 	return progs, testprog.BuildAll(progs)
@@ -210,6 +213,7 @@ func runGuest(ctx context.Context, p *prepared, pkgs []testPkg, progs string, bi
 	if err != nil {
 		return err
 	}
+	shares = append(shares, share{Path: progs, ReadOnly: true})
 	var s strings.Builder
 	s.WriteString(guestEnv())
 	fmt.Fprintf(&s, "export %s=%s\n", testprog.PrebuiltEnv, shellQuote(progs))
@@ -351,9 +355,9 @@ func commonShares(binDir string) ([]share, error) {
 	if err != nil {
 		return nil, err
 	}
-	shares := []share{{cache}}
+	shares := []share{{Path: cache}}
 	if rel, err := filepath.Rel(os.TempDir(), binDir); err == nil && rel != "." && !strings.HasPrefix(rel, "..") {
-		shares = append(shares, share{binDir})
+		shares = append(shares, share{Path: binDir})
 	}
 	return shares, nil
 }

@@ -12,8 +12,11 @@ import (
 	"time"
 )
 
-// share is a host directory the guest mounts, read-write, at the same path.
-type share struct{ Path string }
+// share is a host directory the guest mounts at the same path.
+type share struct {
+	Path     string
+	ReadOnly bool
+}
 
 // vm is one boot of a kernel that runs a script and powers off.
 type vm struct {
@@ -85,7 +88,11 @@ func (v *vm) Run(ctx context.Context) (ctl string, rc int, err error) {
 		"-virtfs", "local,path=" + ctl + ",mount_tag=ctl,security_model=none,multidevs=remap",
 	}
 	for i, s := range v.Shares {
-		args = append(args, "-virtfs", fmt.Sprintf("local,path=%s,mount_tag=s%d,security_model=none,multidevs=remap", s.Path, i))
+		opt := fmt.Sprintf("local,path=%s,mount_tag=s%d,security_model=none,multidevs=remap", s.Path, i)
+		if s.ReadOnly {
+			opt += ",readonly=on"
+		}
+		args = append(args, "-virtfs", opt)
 	}
 	if v.started != nil {
 		v.started(ctl)

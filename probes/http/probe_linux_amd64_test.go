@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -42,12 +41,13 @@ type line struct {
 }
 
 var (
-	buildMu sync.Mutex
-	built   = map[string]string{}
+	buildMu  sync.Mutex
+	built    = map[string]string{}
+	buildDir string // removed by TestMain
 )
 
-// build returns test program prog (testdata/server, see testprog), built once per test
-// binary.
+// build returns test program prog (testdata/server, see testprog), built
+// once per test binary.
 func build(t testing.TB, prog testprog.Program) string {
 	t.Helper()
 	buildMu.Lock()
@@ -55,11 +55,14 @@ func build(t testing.TB, prog testprog.Program) string {
 	if bin, ok := built[prog.Name()]; ok {
 		return bin
 	}
-	dir, err := os.MkdirTemp("", "flowmill-http-test-")
-	if err != nil {
-		t.Fatal(err)
+	if buildDir == "" {
+		dir, err := os.MkdirTemp("", "flowmill-http-test-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		buildDir = dir
 	}
-	bin, err := testprog.Build(prog, dir)
+	bin, err := testprog.Build(prog, buildDir)
 	if err != nil {
 		t.Fatalf("building the test server: %v", err)
 	}
@@ -69,8 +72,8 @@ func build(t testing.TB, prog testprog.Program) string {
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	for _, bin := range built {
-		os.RemoveAll(filepath.Dir(bin))
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
 	}
 	os.Exit(code)
 }
@@ -147,6 +150,18 @@ func start(t testing.TB, prog testprog.Program, args ...string) *child {
 
 func (c *child) url(path string) string { return "http://" + c.addr + path }
 
+// losses returns what the child's session counted as lost, evicted or
+// dropped.
+func (c *child) losses() string {
+	resp, err := http.Get(c.url("/__losses"))
+	if err != nil {
+		return err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return strings.TrimSpace(string(b))
+}
+
 // nServers collects n server spans, then makes sure no extra one follows.
 func (c *child) nServers(t *testing.T, n int) []fmhttp.ServerRequest {
 	t.Helper()
@@ -157,7 +172,7 @@ func (c *child) nServers(t *testing.T, n int) []fmhttp.ServerRequest {
 		case s := <-c.servers:
 			out = append(out, s)
 		case <-timeout:
-			t.Fatalf("got %d server spans, want %d", len(out), n)
+			t.Fatalf("got %d server spans, want %d; the probe's losses: %s", len(out), n, c.losses())
 		}
 	}
 	select {
@@ -177,7 +192,7 @@ func (c *child) nClients(t *testing.T, n int) []fmhttp.ClientRequest {
 		case s := <-c.clients:
 			out = append(out, s)
 		case <-timeout:
-			t.Fatalf("got %d client spans, want %d", len(out), n)
+			t.Fatalf("got %d client spans, want %d; the probe's losses: %s", len(out), n, c.losses())
 		}
 	}
 	select {

@@ -168,6 +168,12 @@ func main() {
 			emit(line{Error: err.Error()})
 			os.Exit(2)
 		}
+		// What the session counted, for a test that misses spans.
+		mux.HandleFunc("GET /__losses", func(w http.ResponseWriter, r *http.Request) {
+			st, err := sess.Stats()
+			json.NewEncoder(w).Encode(map[string]any{"session": st, "error": fmt.Sprint(err),
+				"server_dropped": srv.Dropped(), "client_dropped": cli.Dropped()})
+		})
 		go func() {
 			for r := range srv.Events() {
 				if *quiet {
