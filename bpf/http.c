@@ -31,6 +31,7 @@
  * patterns, method constants) are passed by address, not copied.
  */
 #include "flowmill.h"
+#include "ids.h"
 
 #define METHOD_MAX 16
 #define HOST_MAX 64
@@ -318,17 +319,11 @@ static __always_inline __u64 goid(struct pt_regs *ctx)
 }
 
 /* Span and trace IDs. bpf_get_prandom_u32 costs tens of nanoseconds a call
- * and a trace ID takes four; instead each ID is a per-CPU counter, tagged
- * with the CPU, run through splitmix64's finalizer (a bijection) keyed by a
- * random seed the loader sets: unique, and unpredictable without the seed. */
+ * and a trace ID takes four; instead each ID is a unique number (ids.h: a
+ * per-CPU counter tagged with the CPU) run through splitmix64's finalizer
+ * (a bijection) keyed by a random seed the loader sets: unique, and
+ * unpredictable without the seed. */
 volatile const __u64 id_seed = 0;
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} id_counter SEC(".maps");
 
 static __always_inline __u64 mix64(__u64 z)
 {
@@ -340,14 +335,11 @@ static __always_inline __u64 mix64(__u64 z)
 
 static __always_inline __u64 rand64(void)
 {
-	__u32 zero = 0;
-	__u64 *c = bpf_map_lookup_elem(&id_counter, &zero);
-	__u64 n, v;
+	__u64 n = fm_unique_id(), v;
 
-	if (!c)
+	if (!n)
 		return ((__u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32() | 1;
-	n = (*c)++ & ((1ULL << 56) - 1);
-	v = mix64(id_seed ^ ((__u64)bpf_get_smp_processor_id() << 56 | n));
+	v = mix64(id_seed ^ n);
 	return v ? v : 1;
 }
 

@@ -21,6 +21,7 @@
  * softirq context, on whatever task happened to be running.
  */
 #include "flowmill.h"
+#include "ids.h"
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -137,8 +138,6 @@ struct {
 	__type(key, struct listener_key);
 	__type(value, struct fm_task);
 } listeners SEC(".maps");
-
-__u64 next_flow_id = 0;
 
 /* Keep the event type in the object's BTF for bpf2go -type. */
 const struct tcp_event *unused_tcp_event __attribute__((unused));
@@ -290,7 +289,8 @@ static __always_inline void flow_done(__u64 key)
 
 static __always_inline void flow_insert(__u64 key, struct flow *f)
 {
-	f->id = __sync_fetch_and_add(&next_flow_id, 1) + 1;
+	/* Unique without an atomic fetch (5.12+): see ids.h. */
+	f->id = fm_unique_id();
 	if (bpf_map_update_elem(&flows, &key, f, BPF_ANY) == 0)
 		fm_count(TCP_CTR_FLOW_NEW);
 }

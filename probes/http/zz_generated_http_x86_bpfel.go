@@ -22,6 +22,12 @@ type httpBPFConnCache struct {
 	Peer    [48]int8
 }
 
+type httpBPFFmIdState struct {
+	_     structs.HostLayout
+	Depth uint64
+	Count [4]uint64
+}
+
 type httpBPFHttpEvent struct {
 	_            structs.HostLayout
 	StartNs      uint64
@@ -116,7 +122,7 @@ const (
 	httpBPFMapConns             = "conns"
 	httpBPFMapCounters          = "counters"
 	httpBPFMapEvents            = "events"
-	httpBPFMapIdCounter         = "id_counter"
+	httpBPFMapFmIds             = "fm_ids"
 	httpBPFMapScopeCgroup       = "scope_cgroup"
 	httpBPFMapScratch           = "scratch"
 	httpBPFMapServerCtxs        = "server_ctxs"
@@ -190,7 +196,7 @@ type httpBPFMapSpecs struct {
 	Conns       *ebpf.MapSpec `ebpf:"conns"`
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
-	IdCounter   *ebpf.MapSpec `ebpf:"id_counter"`
+	FmIds       *ebpf.MapSpec `ebpf:"fm_ids"`
 	ScopeCgroup *ebpf.MapSpec `ebpf:"scope_cgroup"`
 	Scratch     *ebpf.MapSpec `ebpf:"scratch"`
 	ServerCtxs  *ebpf.MapSpec `ebpf:"server_ctxs"`
@@ -234,7 +240,7 @@ type httpBPFMaps struct {
 	Conns       *ebpf.Map `ebpf:"conns"`
 	Counters    *ebpf.Map `ebpf:"counters"`
 	Events      *ebpf.Map `ebpf:"events"`
-	IdCounter   *ebpf.Map `ebpf:"id_counter"`
+	FmIds       *ebpf.Map `ebpf:"fm_ids"`
 	ScopeCgroup *ebpf.Map `ebpf:"scope_cgroup"`
 	Scratch     *ebpf.Map `ebpf:"scratch"`
 	ServerCtxs  *ebpf.Map `ebpf:"server_ctxs"`
@@ -247,7 +253,7 @@ func (m *httpBPFMaps) Close() error {
 		m.Conns,
 		m.Counters,
 		m.Events,
-		m.IdCounter,
+		m.FmIds,
 		m.ScopeCgroup,
 		m.Scratch,
 		m.ServerCtxs,

@@ -32,6 +32,12 @@ type tcpBPFFlow struct {
 	_            [4]byte
 }
 
+type tcpBPFFmIdState struct {
+	_     structs.HostLayout
+	Depth uint64
+	Count [4]uint64
+}
+
 type tcpBPFFmTask struct {
 	_        structs.HostLayout
 	CgroupId uint64
@@ -98,6 +104,7 @@ const (
 	tcpBPFMapCounters        = "counters"
 	tcpBPFMapEvents          = "events"
 	tcpBPFMapFlows           = "flows"
+	tcpBPFMapFmIds           = "fm_ids"
 	tcpBPFMapListeners       = "listeners"
 	tcpBPFMapScopeCgroup     = "scope_cgroup"
 	tcpBPFMapSnaps           = "snaps"
@@ -108,7 +115,6 @@ const (
 	tcpBPFVarFmScopeKind     = "fm_scope_kind"
 	tcpBPFVarFmScopeTgid     = "fm_scope_tgid"
 	tcpBPFVarFmWakeupBytes   = "fm_wakeup_bytes"
-	tcpBPFVarNextFlowId      = "next_flow_id"
 	tcpBPFVarUnusedTcpEvent  = "unused_tcp_event"
 )
 
@@ -167,6 +173,7 @@ type tcpBPFMapSpecs struct {
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	Flows       *ebpf.MapSpec `ebpf:"flows"`
+	FmIds       *ebpf.MapSpec `ebpf:"fm_ids"`
 	Listeners   *ebpf.MapSpec `ebpf:"listeners"`
 	ScopeCgroup *ebpf.MapSpec `ebpf:"scope_cgroup"`
 	Snaps       *ebpf.MapSpec `ebpf:"snaps"`
@@ -179,7 +186,6 @@ type tcpBPFVariableSpecs struct {
 	FmScopeKind    *ebpf.VariableSpec `ebpf:"fm_scope_kind"`
 	FmScopeTgid    *ebpf.VariableSpec `ebpf:"fm_scope_tgid"`
 	FmWakeupBytes  *ebpf.VariableSpec `ebpf:"fm_wakeup_bytes"`
-	NextFlowId     *ebpf.VariableSpec `ebpf:"next_flow_id"`
 	UnusedTcpEvent *ebpf.VariableSpec `ebpf:"unused_tcp_event"`
 }
 
@@ -206,6 +212,7 @@ type tcpBPFMaps struct {
 	Counters    *ebpf.Map `ebpf:"counters"`
 	Events      *ebpf.Map `ebpf:"events"`
 	Flows       *ebpf.Map `ebpf:"flows"`
+	FmIds       *ebpf.Map `ebpf:"fm_ids"`
 	Listeners   *ebpf.Map `ebpf:"listeners"`
 	ScopeCgroup *ebpf.Map `ebpf:"scope_cgroup"`
 	Snaps       *ebpf.Map `ebpf:"snaps"`
@@ -216,6 +223,7 @@ func (m *tcpBPFMaps) Close() error {
 		m.Counters,
 		m.Events,
 		m.Flows,
+		m.FmIds,
 		m.Listeners,
 		m.ScopeCgroup,
 		m.Snaps,
@@ -229,7 +237,6 @@ type tcpBPFVariables struct {
 	FmScopeKind    *ebpf.Variable `ebpf:"fm_scope_kind"`
 	FmScopeTgid    *ebpf.Variable `ebpf:"fm_scope_tgid"`
 	FmWakeupBytes  *ebpf.Variable `ebpf:"fm_wakeup_bytes"`
-	NextFlowId     *ebpf.Variable `ebpf:"next_flow_id"`
 	UnusedTcpEvent *ebpf.Variable `ebpf:"unused_tcp_event"`
 }
 
