@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 
@@ -27,6 +28,10 @@ const (
 	capBPF      = 39
 )
 
+// MinKernel is the oldest Linux release flowmill's programs are written
+// and tested for.
+const MinKernel = "5.10"
+
 // Check verifies, before anything is loaded, that this process may load
 // eBPF programs and that the kernel has BTF and ring buffers. Its errors wrap
 // the probes sentinels and say what to do.
@@ -35,8 +40,7 @@ func Check() error {
 	if err != nil {
 		return fmt.Errorf("%w: cannot read capabilities: %v", probes.ErrPermission, err)
 	}
-	has := func(c uint) bool { return eff&(1<<c) != 0 }
-	if !has(capSysAdmin) && !(has(capBPF) && has(capPerfmon)) {
+	if !canLoad(eff) {
 		return fmt.Errorf("%w: this process (euid %d) has neither CAP_SYS_ADMIN nor CAP_BPF with CAP_PERFMON; run it as root or grant them, e.g. setcap cap_bpf,cap_perfmon,cap_net_admin+ep on the binary", probes.ErrPermission, os.Geteuid())
 	}
 	if _, err := os.Stat("/sys/kernel/btf/vmlinux"); err != nil {
@@ -52,6 +56,13 @@ func Check() error {
 		return fmt.Errorf("probing for BPF ring buffer support: %w", err)
 	}
 	return nil
+}
+
+// canLoad reports whether the effective capabilities eff allow loading
+// eBPF programs.
+func canLoad(eff uint64) bool {
+	has := func(c uint) bool { return eff&(1<<c) != 0 }
+	return has(capSysAdmin) || (has(capBPF) && has(capPerfmon))
 }
 
 func effectiveCaps() (uint64, error) {
@@ -116,18 +127,84 @@ func Load(spec *ebpf.CollectionSpec, env *probes.Env, objs any, scopeCgroup func
 }
 
 // Explain wraps a load error with the probes sentinel that describes it.
+//
+// The kernel answers EACCES or EINVAL both when the process lacks a
+// privilege and when its verifier rejects a program, so the errno alone
+// does not tell: a rejection (*ebpf.VerifierError, whatever its errno) is
+// ErrNotSupported with the verifier's last words, and EPERM or EACCES is
+// "run as root" only when the process lacks the capabilities. The original
+// error stays in the chain (errors.As finds the *ebpf.VerifierError, whose
+// %+v prints the whole log).
 func Explain(err error) error {
+	if err == nil {
+		return nil
+	}
+	eff, cerr := effectiveCaps()
+	return explain(err, cerr == nil && canLoad(eff), kernelRelease())
+}
+
+// verifierLines is how many lines of the verifier log an error shows: the
+// last ones, where the verifier says what it rejected and why.
+const verifierLines = 10
+
+// progName finds the program in a cilium/ebpf load error ("program NAME: ...").
+var progName = regexp.MustCompile(`\bprogram ([A-Za-z_][A-Za-z0-9_]*): `)
+
+func explain(err error, privileged bool, release string) error {
 	var ve *ebpf.VerifierError
 	switch {
-	case errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES):
-		return fmt.Errorf("%w: loading eBPF objects: %w; run as root or with CAP_BPF and CAP_PERFMON", probes.ErrPermission, err)
+	case errors.As(err, &ve):
+		prog := "a flowmill program"
+		if m := progName.FindStringSubmatch(err.Error()); m != nil {
+			prog = "program " + m[1]
+		}
+		return &explained{
+			msg:  fmt.Sprintf("%v: the kernel's verifier rejected %s (this kernel is %s; %s): %-*v", probes.ErrNotSupported, prog, release, needs(release), verifierLines, ve),
+			errs: []error{probes.ErrNotSupported, err},
+		}
 	case errors.Is(err, ebpf.ErrNotSupported):
 		return fmt.Errorf("%w: %w", probes.ErrNotSupported, err)
-	case errors.As(err, &ve):
-		return fmt.Errorf("the kernel's verifier rejected a flowmill program (please report it with your kernel version): %w", err)
+	case (errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES)) && !privileged:
+		return fmt.Errorf("%w: loading eBPF objects: %w; run as root or with CAP_BPF and CAP_PERFMON", probes.ErrPermission, err)
+	case errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES):
+		// Not for want of capabilities (the process has them) nor a
+		// verifier rejection (no log): a policy above them.
+		return fmt.Errorf("%w: loading eBPF objects: %w; the process has CAP_BPF or CAP_SYS_ADMIN, so a security policy refused it (kernel lockdown, an LSM such as SELinux or AppArmor, a seccomp filter, or kernel.unprivileged_bpf_disabled in a container)", probes.ErrPermission, err)
 	}
 	return err
 }
+
+// needs says what flowmill needs of a kernel that rejected its program.
+func needs(release string) string {
+	if kernelBefore(release, MinKernel) {
+		return "flowmill needs Linux " + MinKernel + " or later"
+	}
+	return "flowmill supports Linux " + MinKernel + " and later, so this is a flowmill bug: please report it with this message"
+}
+
+// kernelBefore reports whether release ("6.1.0-57-amd64", or "Linux
+// 6.1.0-57-amd64") is older than min ("5.10"); false when either does not
+// parse.
+func kernelBefore(release, min string) bool {
+	var a, b, x, y int
+	if _, err := fmt.Sscanf(strings.TrimPrefix(release, "Linux "), "%d.%d", &a, &b); err != nil {
+		return false
+	}
+	if _, err := fmt.Sscanf(min, "%d.%d", &x, &y); err != nil {
+		return false
+	}
+	return a < x || (a == x && b < y)
+}
+
+// explained is an error with its own message that still wraps the errors
+// it explains: a sentinel and the original error.
+type explained struct {
+	msg  string
+	errs []error
+}
+
+func (e *explained) Error() string   { return e.msg }
+func (e *explained) Unwrap() []error { return e.errs }
 
 // RawTracepoint names a program and the raw tracepoint it attaches to.
 type RawTracepoint struct {
@@ -144,14 +221,32 @@ func AttachRawTracepoints(tps ...RawTracepoint) ([]link.Link, error) {
 		l, err := link.AttachRawTracepoint(link.RawTracepointOptions{Name: tp.Name, Program: tp.Program})
 		if err != nil {
 			CloseLinks(links)
-			if errors.Is(err, os.ErrNotExist) {
-				return nil, fmt.Errorf("%w: raw tracepoint %q is not in this kernel (%s); flowmill needs Linux 5.8 or later with it", probes.ErrMissingHook, tp.Name, kernelRelease())
-			}
-			return nil, fmt.Errorf("attaching raw tracepoint %q: %w", tp.Name, Explain(err))
+			return nil, explainAttach(tp, err, kernelRelease())
 		}
 		links = append(links, l)
 	}
 	return links, nil
+}
+
+// explainAttach wraps the error of attaching tp with the probes sentinel
+// that describes it.
+func explainAttach(tp RawTracepoint, err error, release string) error {
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("%w: raw tracepoint %q is not in this kernel (%s); flowmill needs Linux %s or later with it: %w", probes.ErrMissingHook, tp.Name, release, MinKernel, err)
+	case errors.Is(err, unix.EINVAL):
+		// The kernel checks at attach time that the program reads no
+		// more arguments than the tracepoint has (and that the
+		// tracepoint is writable if the program writes them).
+		name := "its program"
+		if tp.Program != nil {
+			if info, ierr := tp.Program.Info(); ierr == nil && info.Name != "" {
+				name = "program " + info.Name
+			}
+		}
+		return fmt.Errorf("%w: raw tracepoint %q of this kernel (%s) is incompatible with %s: it has fewer arguments than the program reads, or other ones (%s): %w", probes.ErrMissingHook, tp.Name, release, name, needs(release), err)
+	}
+	return fmt.Errorf("attaching raw tracepoint %q: %w", tp.Name, Explain(err))
 }
 
 // CloseLinks detaches links and returns the first error.
