@@ -202,6 +202,9 @@ struct scratch {
 	char req[OBJ_MAX + 16];
 	char url[OBJ_MAX + 16];
 	char hdr[HDR_BUF];
+	__u32 hdr_len; /* bytes of hdr read, for scan_word */
+	__s32 found;   /* scan_word: offset in hdr of the value of the last
+			* traceparent, or -1 */
 };
 
 struct {
@@ -235,9 +238,7 @@ static __always_inline __u64 read_u64(__u64 addr)
  */
 static __always_inline int obj_read(char *dst, __u64 size, __u64 addr)
 {
-	if (size > OBJ_MAX)
-		size = OBJ_MAX;
-	return bpf_probe_read_user(dst, size, (const void *)addr);
+	return bpf_probe_read_user(dst, fm_clamp(size, OBJ_MAX), (const void *)addr);
 }
 
 static __always_inline __u64 obj_u64(const char *obj, __u64 o)
@@ -248,8 +249,9 @@ static __always_inline __u64 obj_u64(const char *obj, __u64 o)
 	return v;
 }
 
-/* obj_str copies at most cap bytes of the Go string at offset o of obj. */
-static __always_inline __u32 obj_str(char *dst, __u32 cap, const char *obj, __u64 o)
+/* obj_str copies at most cap bytes of the Go string at offset o of obj
+ * (cap a constant). */
+static __always_inline __u32 obj_str(char *dst, const __u32 cap, const char *obj, __u64 o)
 {
 	__u64 p = obj_u64(obj, o);
 	__s64 len = obj_u64(obj, o + 8);
@@ -257,9 +259,7 @@ static __always_inline __u32 obj_str(char *dst, __u32 cap, const char *obj, __u6
 
 	if (!p || len <= 0)
 		return 0;
-	n = len;
-	if (n > cap)
-		n = cap;
+	n = fm_clamp(len, cap);
 	if (bpf_probe_read_user(dst, n, (const void *)p))
 		return 0;
 	return n;
@@ -353,56 +353,67 @@ static __always_inline void new_trace(__u8 id[16])
 
 /* ---- traceparent ---- */
 
-struct scan {
-	const char *buf;
-	__u32 n;
-	__s32 found; /* offset of the value of the last traceparent, or -1 */
-};
-
 static __always_inline char at(const char *buf, __u32 i)
 {
 	return buf[i & (HDR_BUF - 1)];
 }
 
-static __always_inline void scan_at(struct scan *c, __u32 i)
+/* scan_at looks at byte i of the request header in sc->hdr (n bytes) and
+ * updates sc->found. */
+static __always_inline void scan_at(struct scratch *sc, __u32 i, __u32 n)
 {
-	const char *b = c->buf;
+	const char *b = sc->hdr;
 	const char name[] = "traceparent:";
 
-	if (i >= c->n || at(b, i) != '\n')
+	if (i >= n || at(b, i) != '\n')
 		return;
 	/* A blank line before the end closes an earlier request's header
 	 * (pipelining): what was found belongs to that request. */
-	if ((at(b, i + 1) == '\n' && i + 2 < c->n) ||
-	    (at(b, i + 1) == '\r' && at(b, i + 2) == '\n' && i + 3 < c->n)) {
-		c->found = -1;
+	if ((at(b, i + 1) == '\n' && i + 2 < n) ||
+	    (at(b, i + 1) == '\r' && at(b, i + 2) == '\n' && i + 3 < n)) {
+		sc->found = -1;
 		return;
 	}
-	if (i + 1 + sizeof(name) - 1 + TP_LEN > c->n)
+	if (i + 1 + sizeof(name) - 1 + TP_LEN > n)
 		return;
 #pragma unroll
 	for (int k = 0; k < sizeof(name) - 1; k++) {
 		if ((at(b, i + 1 + k) | 0x20) != name[k])
 			return;
 	}
-	c->found = i + sizeof(name);
+	sc->found = i + sizeof(name);
 }
 
-/* scan_word looks at 8 bytes at once and only looks closer at words that
- * hold a newline (the classic "has zero byte" test on word ^ '\n'x8). */
-static long scan_word(__u32 w, void *data)
+/* scan_word looks at the 8 bytes of word w of the request header and only
+ * looks closer at a word that holds a newline (the classic "has zero byte"
+ * test on word ^ '\n'x8). Its state is in the scratch map, which the
+ * verifier does not track, so that it has nothing to tell apart between
+ * iterations.
+ *
+ * It is a global function: the verifier checks it once, on its own, rather
+ * than once per call. A bounded loop is checked iteration by iteration, and
+ * the branches of the closer look, in each of HDR_SCAN/8 iterations, would
+ * exceed the branches a verifier keeps pending (8192). bpf_loop, which
+ * solves the same problem, needs Linux 5.17. Arguments of a global
+ * function can only be scalars on 5.10: it looks up the scratch map
+ * itself. */
+__attribute__((noinline)) int scan_word(__u32 w)
 {
-	struct scan *c = data;
-	__u32 i = w * 8;
+	__u32 zero = 0;
+	struct scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
+	__u32 i = w * 8, n;
 	__u64 x;
 
-	__builtin_memcpy(&x, c->buf + (i & (HDR_BUF - 1)), 8);
+	if (!sc)
+		return 0;
+	n = sc->hdr_len;
+	__builtin_memcpy(&x, sc->hdr + (i & (HDR_BUF - 1)), 8);
 	x ^= 0x0a0a0a0a0a0a0a0aULL;
 	if (!((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL))
 		return 0;
 #pragma unroll
 	for (int k = 0; k < 8; k++)
-		scan_at(c, i + k);
+		scan_at(sc, i + k, n);
 	return 0;
 }
 
@@ -470,7 +481,7 @@ static __always_inline int parse_traceparent(const char *b, __u32 v, __u32 n,
 static __always_inline void scan_request(struct scratch *sc, __u64 bufr, struct http_event *e)
 {
 	__u64 buf, n;
-	struct scan c = {};
+	__s32 found;
 
 	if (!bufr || obj_read(sc->url, 64, bufr))
 		return;
@@ -478,16 +489,20 @@ static __always_inline void scan_request(struct scratch *sc, __u64 bufr, struct 
 	n = obj_u64(sc->url, off.bufio_r);
 	if (!buf || (__s64)n <= 0)
 		return;
-	if (n > HDR_SCAN)
-		n = HDR_SCAN;
+	n = fm_clamp(n, HDR_SCAN);
 	if (bpf_probe_read_user(sc->hdr, n, (const void *)buf))
 		return;
-	c.buf = sc->hdr;
-	c.n = n;
-	c.found = -1;
-	bpf_loop((n + 7) / 8, scan_word, &c, 0);
-	if (c.found >= 0) {
-		__u32 v = c.found;
+	sc->hdr_len = n;
+	sc->found = -1;
+	/* Bounded: every kernel since 5.3 checks it. */
+	for (__u32 w = 0; w < HDR_SCAN / 8; w++) {
+		if (w * 8 >= n)
+			break;
+		scan_word(w);
+	}
+	found = sc->found;
+	if (found >= 0) {
+		__u32 v = found;
 
 		for (int k = 0; k < 2; k++) {
 			char ch = at(sc->hdr, v);
@@ -500,45 +515,29 @@ static __always_inline void scan_request(struct scratch *sc, __u64 bufr, struct 
 	}
 }
 
-struct pathscan {
-	const char *p;
-	__u32 n;
-	__s32 end; /* offset of the first '?' or '%', or -1 */
-};
-
-/* path_word looks at 8 bytes at once and only looks closer at words that
- * hold a '?' or a '%'. */
-static long path_word(__u32 w, void *data)
-{
-	struct pathscan *c = data;
-	__u32 i = (w * 8) & (PATH_MAX_ - 1);
-	__u64 x;
-
-	__builtin_memcpy(&x, c->p + i, 8);
-	if (!has_byte(x, '?') && !has_byte(x, '%'))
-		return 0;
-	for (int k = 0; k < 8; k++) {
-		char ch = c->p[(i + k) & (PATH_MAX_ - 1)];
-
-		if (i + k < c->n && (ch == '?' || ch == '%')) {
-			c->end = i + k;
-			return 1;
-		}
-	}
-	return 0;
-}
-
 /* path_len returns how many bytes of the request target at p (n of them,
  * copied; total in all) are URL.Path: those before the first '?'. It
  * returns -1 when the path may be escaped ('%'; URL.Path is the decoded
- * form) or is longer than what was copied. */
+ * form) or is longer than what was copied. It looks at 8 bytes at once and
+ * only looks closer at words that hold a '?' or a '%': a bounded loop of
+ * PATH_MAX_/8 iterations. */
 static __always_inline int path_len(const char *p, __u32 n, __u32 total)
 {
-	struct pathscan c = { .p = p, .n = n, .end = -1 };
+	for (__u32 i = 0; i < PATH_MAX_; i += 8) {
+		__u64 x;
 
-	bpf_loop((n + 7) / 8, path_word, &c, 0);
-	if (c.end >= 0)
-		return p[c.end & (PATH_MAX_ - 1)] == '?' ? c.end : -1;
+		if (i >= n)
+			break;
+		__builtin_memcpy(&x, p + i, 8);
+		if (!has_byte(x, '?') && !has_byte(x, '%'))
+			continue;
+		for (__u32 k = 0; k < 8; k++) {
+			char ch = p[(i + k) & (PATH_MAX_ - 1)];
+
+			if (i + k < n && (ch == '?' || ch == '%'))
+				return ch == '?' ? (int)(i + k) : -1;
+		}
+	}
 	return n == total ? (int)n : -1;
 }
 
@@ -558,17 +557,16 @@ static __always_inline int method_target(struct scratch *sc, struct http_event *
 
 	if (!mp || ml <= 0 || ml > METHOD_MAX || ul <= 0 || up != mp + ml + 1)
 		return -1;
-	n = ul;
-	if (n > PATH_MAX_)
-		n = PATH_MAX_;
+	n = fm_clamp(ul, PATH_MAX_);
 	/* The line: method, a space, the target. */
-	if (bpf_probe_read_user(sc->url, ml + 1 + n, (const void *)mp))
+	if (bpf_probe_read_user(sc->url, fm_clamp(ml + 1 + n, METHOD_MAX + 1 + PATH_MAX_),
+				(const void *)mp))
 		return -1;
 	__builtin_memcpy(e->method, sc->url, METHOD_MAX);
 	e->method_len = ml;
 	if (sc->url[(ml + 1) & 31] != '/')
 		return -1;
-	if (bpf_probe_read_kernel(e->path, n, sc->url + ((ml + 1) & 31)))
+	if (bpf_probe_read_kernel(e->path, fm_clamp(n, PATH_MAX_), sc->url + ((ml + 1) & 31)))
 		return -1;
 	pl = path_len(e->path, n, ul);
 	if (pl < 0)
@@ -724,7 +722,7 @@ int server_return(struct pt_regs *ctx)
 				put_ro(e->route, (__u64)pat.ptr);
 				e->flags |= HTTP_F_ROUTE_RO;
 				e->route_len = n;
-			} else if (!bpf_probe_read_user(e->route, n, pat.ptr)) {
+			} else if (!bpf_probe_read_user(e->route, fm_clamp(n, ROUTE_MAX), pat.ptr)) {
 				e->route_len = n;
 			}
 		}
@@ -757,9 +755,9 @@ static __always_inline void host_path(struct scratch *sc, struct http_event *e)
 		__u64 n = pl > PATH_MAX_ ? PATH_MAX_ : pl;
 
 		/* sc->req is free once the request's fields are taken. */
-		if (!bpf_probe_read_user(sc->req, (d + n) & (OBJ_MAX - 1), (const void *)hp) &&
-		    !bpf_probe_read_kernel(e->host, hl, sc->req) &&
-		    !bpf_probe_read_kernel(e->path, n, sc->req + (d & (2 * HOST_MAX - 1)))) {
+		if (!bpf_probe_read_user(sc->req, fm_clamp(d + n, 2 * HOST_MAX + PATH_MAX_), (const void *)hp) &&
+		    !bpf_probe_read_kernel(e->host, fm_clamp(hl, HOST_MAX), sc->req) &&
+		    !bpf_probe_read_kernel(e->path, fm_clamp(n, PATH_MAX_), sc->req + (d & (2 * HOST_MAX - 1)))) {
 			e->host_len = hl;
 			e->path_len = n;
 			return;

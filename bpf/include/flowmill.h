@@ -67,6 +67,20 @@ struct fm_task {
 	char comm[16];
 };
 
+/* fm_clamp returns min(n, max) in a form every verifier sees bounded: use
+ * it on a length right where it is passed to a helper as a size. Without
+ * it, clang reuses a comparison made earlier, possibly on another copy of
+ * the value, and older verifiers (5.10 to 6.12) do not always carry the
+ * bounds to the register passed, in particular through a spill to the
+ * stack ("R2 min value is negative" or "unbounded memory access"). The
+ * empty asm hides what clang knows of n, so the comparison is made here,
+ * on the register that is passed. max must be a constant. */
+static __always_inline __u64 fm_clamp(__u64 n, const __u64 max)
+{
+	asm volatile("" : "+r"(n));
+	return n > max ? max : n;
+}
+
 static __always_inline void fm_count(__u32 slot)
 {
 	__u64 *v = bpf_map_lookup_elem(&counters, &slot);

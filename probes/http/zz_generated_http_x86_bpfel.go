@@ -92,12 +92,14 @@ type httpBPFHttpOffsets struct {
 }
 
 type httpBPFScratch struct {
-	_   structs.HostLayout
-	S   httpBPFServerState
-	Cc  httpBPFConnCache
-	Req [528]int8
-	Url [528]int8
-	Hdr [8192]int8
+	_      structs.HostLayout
+	S      httpBPFServerState
+	Cc     httpBPFConnCache
+	Req    [528]int8
+	Url    [528]int8
+	Hdr    [8192]int8
+	HdrLen uint32
+	Found  int32
 }
 
 type httpBPFServerState struct {
