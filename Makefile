@@ -43,7 +43,7 @@ KERNELS ?= all
 # emulation).
 KERNEL_PKGS ?= $(shell $(GO) list ./... | grep -v '/internal/goexe$$')
 test-kernels:
-	$(GO) run ./internal/vmtest test -kernels $(KERNELS) $(KERNEL_PKGS)
+	$(GO) run ./internal/vmtest test -short -kernels $(KERNELS) $(KERNEL_PKGS)
 
 # Go releases whose runtime and net/http internals probes/http reads.
 GO_RELEASES ?= go1.26.8 go1.27.4

@@ -41,6 +41,7 @@ func testCmd(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("test", flag.ExitOnError)
 	list := fs.String("kernels", "all", "comma-separated kernels (vmtest list), host for this machine's, or all")
 	run := fs.String("run", "", "passed to each test binary as -test.run")
+	short := fs.Bool("short", false, "run the tests with -test.short (the longest scale down)")
 	timeout := fs.Duration("timeout", 30*time.Minute, "per package (-test.timeout)")
 	jobs := fs.Int("j", 1, "kernels booted at once")
 	cpus := fs.Int("cpus", 2, "guest CPUs")
@@ -85,6 +86,9 @@ func testCmd(ctx context.Context, args []string) error {
 	binArgs := []string{"-test.v", "-test.count=1", "-test.timeout=" + timeout.String()}
 	if *run != "" {
 		binArgs = append(binArgs, "-test.run="+*run)
+	}
+	if *short {
+		binArgs = append(binArgs, "-test.short")
 	}
 	var (
 		mu      sync.Mutex
