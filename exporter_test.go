@@ -110,7 +110,7 @@ func TestExporterCountsATransferOnce(t *testing.T) {
 
 	// Wait for a periodic report of the client side with all N bytes
 	// acknowledged: the close must not count them again.
-	deadline := time.After(10 * time.Second)
+	deadline := time.After(testutil.Timeout(10 * time.Second))
 	for seen := false; !seen; {
 		select {
 		case e := <-reports.Events():
@@ -142,7 +142,7 @@ func TestExporterCountsATransferOnce(t *testing.T) {
 		if ok1 && ok2 && c.Count == 1 && s.Count == 1 {
 			break
 		}
-		if time.Since(start) > 10*time.Second {
+		if time.Since(start) > testutil.Timeout(10*time.Second) {
 			t.Fatalf("closes not recorded within 10s: %+v", ms["tcp.connection.duration"])
 		}
 	}
@@ -232,7 +232,7 @@ func TestExporterStopsWithSessionAndShutdownIsIdempotent(t *testing.T) {
 	s.Close()
 	select {
 	case <-exp.Done():
-	case <-time.After(10 * time.Second):
+	case <-time.After(testutil.Timeout(10 * time.Second)):
 		t.Fatal("the exporter did not stop with its session")
 	}
 	// What the session delivered before it closed is recorded.

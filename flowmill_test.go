@@ -73,7 +73,7 @@ func TestContextEndsSession(t *testing.T) {
 	cancel()
 	select {
 	case <-s.Done():
-	case <-time.After(5 * time.Second):
+	case <-time.After(testutil.Timeout(5 * time.Second)):
 		t.Fatal("session still running after its context was cancelled")
 	}
 }

@@ -41,7 +41,7 @@ func TestAutoinst(t *testing.T) {
 		cmd.Process.Signal(os.Interrupt)
 		select {
 		case <-exited:
-		case <-time.After(10 * time.Second):
+		case <-time.After(testutil.Timeout(10 * time.Second)):
 			cmd.Process.Kill()
 		}
 	}()
@@ -58,7 +58,7 @@ func TestAutoinst(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	for deadline := time.Now().Add(30 * time.Second); get("/hello") != 200; time.Sleep(100 * time.Millisecond) {
+	for deadline := time.Now().Add(testutil.Timeout(30 * time.Second)); get("/hello") != 200; time.Sleep(100 * time.Millisecond) {
 		if time.Now().After(deadline) || cmd.ProcessState != nil {
 			if strings.Contains(stderr.String(), "insufficient privileges") {
 				testutil.Unavailable(t, "%s", stderr.String())
@@ -78,7 +78,7 @@ func TestAutoinst(t *testing.T) {
 	cmd.Process.Signal(os.Interrupt)
 	select {
 	case <-exited:
-	case <-time.After(15 * time.Second):
+	case <-time.After(testutil.Timeout(15 * time.Second)):
 		t.Fatal("example did not exit on SIGINT")
 	}
 	type span struct {

@@ -65,7 +65,7 @@ func TestExeclog(t *testing.T) {
 		if err != nil {
 			t.Fatalf("execlog: %v", err)
 		}
-	case <-time.After(10 * time.Second):
+	case <-time.After(testutil.Timeout(10 * time.Second)):
 		t.Fatal("execlog did not stop after the process exited")
 	}
 

@@ -132,7 +132,7 @@ func TestOTLPReceiverGetsTheExample(t *testing.T) {
 	for start := time.Now(); ; time.Sleep(100 * time.Millisecond) {
 		if _, v := clientBytes(); v == n {
 			break
-		} else if time.Since(start) > 30*time.Second {
+		} else if time.Since(start) > testutil.Timeout(30*time.Second) {
 			t.Fatalf("tcp.bytes for port %d = %d after 30s, want %d\nexample:\n%s", port, v, n, ex.Log())
 		}
 	}

@@ -38,7 +38,7 @@ func TestPrometheusScrapesTheExample(t *testing.T) {
 	q := fmt.Sprintf(`tcp_bytes_total{network_peer_port="%d",network_io_direction="transmit",flowmill_tcp_role="client"}`, port)
 	var got string
 	for start := time.Now(); got != strconv.Itoa(n); time.Sleep(250 * time.Millisecond) {
-		if time.Since(start) > 30*time.Second {
+		if time.Since(start) > testutil.Timeout(30*time.Second) {
 			t.Fatalf("%s = %q after 30s, want %d\nexample:\n%s", q, got, n, ex.Log())
 		}
 		got = query(t, prom, q)
@@ -93,7 +93,7 @@ func startPrometheus(t *testing.T, target string) string {
 				return addr
 			}
 		}
-		if time.Since(start) > 30*time.Second {
+		if time.Since(start) > testutil.Timeout(30*time.Second) {
 			log, _ := os.ReadFile(logf.Name())
 			t.Fatalf("prometheus not ready on %s within 30s:\n%s", addr, log)
 		}

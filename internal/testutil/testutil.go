@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -198,4 +199,16 @@ func (e *Example) Log() string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return strings.Join(e.log, "\n")
+}
+
+// Timeout scales a test's deadline d by $FLOWMILL_TEST_TIMEOUT_SCALE
+// (default 1): the kernel matrix runs the tests under emulation, many
+// times slower (as Go's own tests use GO_TEST_TIMEOUT_SCALE on slow
+// builders). Only deadlines scale; the windows in which nothing more may
+// arrive do not need to.
+func Timeout(d time.Duration) time.Duration {
+	if s, err := strconv.ParseFloat(os.Getenv("FLOWMILL_TEST_TIMEOUT_SCALE"), 64); err == nil && s > 1 {
+		return time.Duration(float64(d) * s)
+	}
+	return d
 }

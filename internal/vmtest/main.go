@@ -160,6 +160,7 @@ func execCmd(ctx context.Context, args []string) (int, error) {
 	var script strings.Builder
 	script.WriteString(guestEnv())
 	fmt.Fprintf(&script, "export %s=%s\n", testprog.PrebuiltEnv, shellQuote(progs))
+	script.WriteString(timeoutScale)
 	fmt.Fprintf(&script, "cd %s || exit 125\n", shellQuote(wd))
 	script.WriteString(shellQuote(bin))
 	for _, a := range fs.Args()[1:] {

@@ -200,6 +200,11 @@ func buildTests(dir string, patterns []string) ([]testPkg, error) {
 	return pkgs, nil
 }
 
+// timeoutScale stretches the tests' deadlines (testutil.Timeout) in a
+// guest, whose emulated CPU is several times slower than the host's,
+// unless the caller chose a scale.
+const timeoutScale = ": ${FLOWMILL_TEST_TIMEOUT_SCALE:=5}; export FLOWMILL_TEST_TIMEOUT_SCALE\n"
+
 // buildPrograms builds the programs tests run (testprog.All) into a new
 // temporary directory, for $FLOWMILL_PREBUILT; guests get it read-only.
 func buildPrograms() (string, error) {
@@ -221,6 +226,7 @@ func runGuest(ctx context.Context, p *prepared, pkgs []testPkg, progs string, bi
 	var s strings.Builder
 	s.WriteString(guestEnv())
 	fmt.Fprintf(&s, "export %s=%s\n", testprog.PrebuiltEnv, shellQuote(progs))
+	s.WriteString(timeoutScale)
 	s.WriteString("mkdir -p /run/vmtest/out\n")
 	for i, pk := range pkgs {
 		fmt.Fprintf(&s, "cd %s && { read t0 _ </proc/uptime; %s", shellQuote(pk.Dir), shellQuote(pk.Bin))

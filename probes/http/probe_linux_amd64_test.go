@@ -98,7 +98,7 @@ func start(t testing.TB, prog testprog.Program, args ...string) *child {
 		go func() { cmd.Wait(); close(done) }()
 		select {
 		case <-done:
-		case <-time.After(10 * time.Second):
+		case <-time.After(testutil.Timeout(10 * time.Second)):
 			cmd.Process.Kill()
 			<-done
 		}
@@ -142,7 +142,7 @@ func start(t testing.TB, prog testprog.Program, args ...string) *child {
 			}
 			t.Fatalf("test server: %v", err)
 		}
-	case <-time.After(60 * time.Second):
+	case <-time.After(testutil.Timeout(60 * time.Second)):
 		t.Fatal("test server did not start within 60s")
 	}
 	return c
@@ -166,7 +166,7 @@ func (c *child) losses() string {
 func (c *child) nServers(t *testing.T, n int) []fmhttp.ServerRequest {
 	t.Helper()
 	var out []fmhttp.ServerRequest
-	timeout := time.After(20 * time.Second)
+	timeout := time.After(testutil.Timeout(20 * time.Second))
 	for len(out) < n {
 		select {
 		case s := <-c.servers:
@@ -186,7 +186,7 @@ func (c *child) nServers(t *testing.T, n int) []fmhttp.ServerRequest {
 func (c *child) nClients(t *testing.T, n int) []fmhttp.ClientRequest {
 	t.Helper()
 	var out []fmhttp.ClientRequest
-	timeout := time.After(20 * time.Second)
+	timeout := time.After(testutil.Timeout(20 * time.Second))
 	for len(out) < n {
 		select {
 		case s := <-c.clients:

@@ -116,7 +116,7 @@ func TestExporterCountsChildren(t *testing.T) {
 
 	// Wait for the three exits to be recorded, then stop the exporter:
 	// everything delivered is recorded and the logs are flushed.
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(testutil.Timeout(10 * time.Second))
 	for {
 		var n int64
 		for _, p := range sums(t, reader, "process.exit").DataPoints {

@@ -86,7 +86,7 @@ func (s *session) collect(t *testing.T, pids ...uint32) ([]process.Exec, []proce
 	for _, p := range pids {
 		want[p] = true
 	}
-	deadline := time.After(10 * time.Second)
+	deadline := time.After(testutil.Timeout(10 * time.Second))
 	var grace <-chan time.Time
 	for {
 		select {

@@ -16,6 +16,7 @@ import (
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 
 	"github.com/flowmill/flowmill"
+	"github.com/flowmill/flowmill/internal/testutil"
 	"github.com/flowmill/flowmill/probes/syscalls"
 )
 
@@ -59,7 +60,7 @@ func TestExporterCountsSyscalls(t *testing.T) {
 		t.Fatal(err)
 	}
 	var final syscalls.Counts
-	timeout := time.After(5 * time.Second)
+	timeout := time.After(testutil.Timeout(5 * time.Second))
 	for final.PID == 0 {
 		select {
 		case c := <-sub.Events():

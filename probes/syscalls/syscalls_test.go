@@ -99,7 +99,7 @@ func TestCounts(t *testing.T) {
 	}
 
 	var final syscalls.Counts
-	timeout := time.After(5 * time.Second)
+	timeout := time.After(testutil.Timeout(5 * time.Second))
 	for final.PID == 0 {
 		select {
 		case c := <-sub.Events():

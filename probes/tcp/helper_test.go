@@ -125,7 +125,7 @@ func waitFor[T any](t *testing.T, s *stream[T], what string, match func(*T) bool
 			return e
 		}
 	}
-	timeout := time.After(10 * time.Second)
+	timeout := time.After(testutil.Timeout(10 * time.Second))
 	for {
 		select {
 		case e, ok := <-s.sub.Events():

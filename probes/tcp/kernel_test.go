@@ -85,7 +85,7 @@ func TestTCPConnsService(t *testing.T) {
 	}
 	// By the peer alone, as an HTTP server knows it: the probe must have
 	// seen the connection open (its records are read on a timer).
-	deadline := time.Now().Add(2 * time.Second)
+	deadline := time.Now().Add(testutil.Timeout(2 * time.Second))
 	for {
 		if _, ok := svc.TCPConn(netip.AddrPort{}, local); ok {
 			break
@@ -133,7 +133,7 @@ func TestCloseLeavesNothing(t *testing.T) {
 	}
 	testutil.ProgramsGone(t, progs)
 	// Maps go when the programs that use them are freed.
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(testutil.Timeout(5 * time.Second))
 	for _, id := range maps {
 		for {
 			m, err := ebpf.NewMapFromID(id)

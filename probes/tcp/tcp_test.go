@@ -534,7 +534,7 @@ func TestChurn(t *testing.T) {
 	}
 	seen := map[uint16]int{}
 	clientIDs, serverIDs := map[uint64]bool{}, map[uint64]bool{}
-	timeout := time.After(20 * time.Second)
+	timeout := time.After(testutil.Timeout(20 * time.Second))
 	for len(clientIDs) < n || len(serverIDs) < n {
 		select {
 		case e := <-closed.Events():
@@ -605,7 +605,7 @@ func TestEvictionsCounted(t *testing.T) {
 	}
 	sp := port(ln.Addr())
 	reported := 0
-	deadline := time.After(3 * time.Second)
+	deadline := time.After(testutil.Timeout(3 * time.Second))
 loop:
 	for {
 		select {
