@@ -72,6 +72,11 @@ enum {
 	HTTP_CTR_CTXS_DEL,
 	HTTP_CTR_CLIENTS_ADD,
 	HTTP_CTR_CLIENTS_DEL,
+	/* A request not traced: its entry could not read the Request. */
+	HTTP_CTR_UNREADABLE,
+	/* A request not traced: its entry was preempted by another using the
+	 * CPU's scratch space (see scratch_begin). */
+	HTTP_CTR_PREEMPTED,
 };
 
 /* Field offsets of the program's own net/http, net/url and bufio types. */
@@ -205,6 +210,7 @@ struct scratch {
 	__u32 hdr_len; /* bytes of hdr read, for scan_word */
 	__s32 found;   /* scan_word: offset in hdr of the value of the last
 			* traceparent, or -1 */
+	__u64 gen;     /* scratch_begin/scratch_end */
 };
 
 struct {
@@ -213,6 +219,37 @@ struct {
 	__type(key, __u32);
 	__type(value, struct scratch);
 } scratch SEC(".maps");
+
+/*
+ * Uprobe programs run with migration disabled but, on kernels that preempt
+ * (preempt=full or lazy, the default of recent kernels), not with
+ * preemption disabled: another thread on the same CPU can run an entry
+ * program, and use the CPU's scratch space, while one is halfway through
+ * it. So every user of the scratch space bumps its generation on entry and
+ * again on exit; an entry that finds, before it stores its state, that the
+ * generation moved since it began was overtaken, and drops its (possibly
+ * mixed) request, counted, rather than report another request's fields.
+ */
+static __always_inline __u64 scratch_begin(struct scratch *sc)
+{
+	__u64 g = sc->gen + 1;
+
+	sc->gen = g;
+	asm volatile("" ::: "memory");
+	return g;
+}
+
+static __always_inline bool scratch_end(struct scratch *sc, __u64 g)
+{
+	bool ok;
+
+	asm volatile("" ::: "memory");
+	ok = sc->gen == g;
+	sc->gen++;
+	if (!ok)
+		fm_count(HTTP_CTR_PREEMPTED);
+	return ok;
+}
 
 /* Keep the types in the object's BTF for bpf2go -type. */
 const struct http_event *unused_http_event __attribute__((unused));
@@ -605,7 +642,7 @@ int server_enter(struct pt_regs *ctx)
 	struct server_state *s;
 	struct conn_cache *cc = NULL;
 	struct http_event *e;
-	__u64 key, req, url, bufr = 0;
+	__u64 key, req, url, bufr = 0, gen;
 
 	/* ServeHTTP(rw ResponseWriter, req *Request): RBX, RCX = rw; RDI = req. */
 	if (ctx->bx != off.resp_itab) {
@@ -615,12 +652,16 @@ int server_enter(struct pt_regs *ctx)
 	sc = bpf_map_lookup_elem(&scratch, &zero);
 	if (!sc)
 		return 0;
+	gen = scratch_begin(sc);
 	s = &sc->s;
 	e = &s->ev;
 	key = gkey(ctx);
 	req = ctx->di;
-	if (obj_read(sc->req, off.req_size, req))
+	if (obj_read(sc->req, off.req_size, req)) {
+		fm_count(HTTP_CTR_UNREADABLE);
+		scratch_end(sc, gen);
 		return 0;
+	}
 	s->req = req;
 	s->resp = ctx->cx;
 	s->ctx = obj_u64(sc->req, off.req_ctx + 8);
@@ -670,6 +711,8 @@ int server_enter(struct pt_regs *ctx)
 		new_trace(e->trace_id);
 	}
 	e->host_len = obj_str(e->host, HOST_MAX, sc->req, off.req_host);
+	if (!scratch_end(sc, gen))
+		return 0;
 	map_add(&servers, &key, s, HTTP_CTR_SERVERS_ADD);
 	if (s->ctx && off.ctx_walk) {
 		struct span_ctx sp = { .span_id = e->span_id };
@@ -774,16 +817,20 @@ int client_enter(struct pt_regs *ctx)
 	struct scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
 	struct http_event *e;
 	struct span_ctx *p = NULL;
-	__u64 key, req, url;
+	__u64 key, req, url, gen;
 
 	if (!sc)
 		return 0;
+	gen = scratch_begin(sc);
 	e = &sc->s.ev;
 	key = gkey(ctx);
 	/* roundTrip(t *Transport, req *Request): RAX = t, RBX = req. */
 	req = ctx->bx;
-	if (obj_read(sc->req, off.req_size, req))
+	if (obj_read(sc->req, off.req_size, req)) {
+		fm_count(HTTP_CTR_UNREADABLE);
+		scratch_end(sc, gen);
 		return 0;
+	}
 
 	begin_event(ctx, e, HTTP_CLIENT);
 	e->peer_len = 0;
@@ -842,6 +889,8 @@ int client_enter(struct pt_regs *ctx)
 			new_trace(e->trace_id);
 		}
 	}
+	if (!scratch_end(sc, gen))
+		return 0;
 	map_add(&clients, &key, e, HTTP_CTR_CLIENTS_ADD);
 	return 0;
 }

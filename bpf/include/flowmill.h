@@ -36,7 +36,7 @@ volatile const __u64 fm_wakeup_bytes = 65536;
 enum {
 	FM_CTR_LOST = 0, /* ring buffer full: record dropped */
 	FM_CTR_FAMILY = 1,
-	FM_NR_COUNTERS = 8,
+	FM_NR_COUNTERS = 16,
 };
 
 struct {

@@ -47,6 +47,8 @@ const (
 	ctrCtxsDel
 	ctrClientsAdd
 	ctrClientsDel
+	ctrUnreadable // a request not traced: its Request could not be read
+	ctrPreempted  // a request not traced: its entry program was overtaken
 	nCounters
 )
 
@@ -518,7 +520,8 @@ func (a *attachment) Stats() (probes.Stats, error) {
 		}
 		total += a.swept[i] + a.evicted[i]
 	}
-	return probes.Stats{Lost: before[ctrLost] + before[ctrUnsupported], Evicted: total}, nil
+	lost := before[ctrLost] + before[ctrUnsupported] + before[ctrUnreadable] + before[ctrPreempted]
+	return probes.Stats{Lost: lost, Evicted: total}, nil
 }
 
 func (a *attachment) Close() error {

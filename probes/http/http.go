@@ -31,7 +31,10 @@
 // instrumented Transport (otelhttp) for those calls.
 //
 // Limits: HTTP/2 served requests are not instrumented (they are counted in
-// the session's Stats.EventsLost); only amd64 Linux is supported.
+// the session's Stats.EventsLost); only amd64 Linux is supported. Requests
+// whose entry probe could not read the Request, or (on kernels that
+// preempt uprobe programs) was overtaken on its CPU by another request's,
+// are not traced either, and are counted in Stats.EventsLost too.
 package http
 
 import (

@@ -100,6 +100,7 @@ type httpBPFScratch struct {
 	Hdr    [8192]int8
 	HdrLen uint32
 	Found  int32
+	Gen    uint64
 }
 
 type httpBPFServerState struct {
