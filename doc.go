@@ -76,8 +76,13 @@
 //
 // # Requirements
 //
-// Linux 5.8 or later with BTF (/sys/kernel/btf/vmlinux), and root or
-// CAP_BPF with CAP_PERFMON. Start returns an error wrapping ErrPermission,
-// ErrNoBTF, ErrMissingHook or ErrNotSupported, saying what is missing and
-// what to do, when a requirement is not met.
+// Linux 5.10 or later with BTF (/sys/kernel/btf/vmlinux), and root or
+// CAP_BPF with CAP_PERFMON. Every probe family's test suite runs on Linux
+// 5.10, 6.1, 6.12 and 7.3 (Debian's kernels, under QEMU) and on the
+// development machine's 6.18; the README's kernel table says what each
+// family needs. The HTTP probe needs amd64 and Go 1.26 or 1.27. Start returns
+// an error wrapping ErrPermission, ErrNoBTF, ErrMissingHook or
+// ErrNotSupported, saying what is missing and what to do, when a requirement
+// is not met; a program the kernel's verifier rejects is ErrNotSupported
+// with the kernel release and the verifier's last lines.
 package flowmill

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
@@ -311,4 +312,23 @@ func EvictionFloor(maxEntries uint32) (int64, error) {
 		return 0, err
 	}
 	return int64(maxEntries) - min(int64(maxEntries)/2, 2*128*int64(cpus)), nil
+}
+
+// Missed returns how many times the kernel skipped one of the programs in
+// programs (a bpf2go Programs struct) because a program was already running
+// on that CPU: a raw tracepoint hit from an interrupt that arrived while
+// the same program ran, for instance. Those are hook hits no program saw,
+// so families count them as lost. Linux 5.12 and later count them; earlier
+// kernels report 0.
+func Missed(programs any) uint64 {
+	var n uint64
+	v := reflect.ValueOf(programs).Elem()
+	for i := range v.NumField() {
+		if p, ok := v.Field(i).Interface().(*ebpf.Program); ok && p != nil {
+			if st, err := p.Stats(); err == nil {
+				n += st.RecursionMisses
+			}
+		}
+	}
+	return n
 }

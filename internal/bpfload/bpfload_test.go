@@ -256,3 +256,26 @@ func TestAttachIncompatibleTracepoint(t *testing.T) {
 		}
 	}
 }
+
+// TestMissed reads the recursion misses of every program of a bpf2go-style
+// Programs struct, skipping nil ones; a program that never ran missed none.
+func TestMissed(t *testing.T) {
+	testutil.RequireBPF(t)
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name:         "ok_prog",
+		Type:         ebpf.RawTracepoint,
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+		License:      "GPL",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prog.Close()
+	progs := struct {
+		A *ebpf.Program `ebpf:"a"`
+		B *ebpf.Program `ebpf:"b"`
+	}{A: prog}
+	if n := Missed(&progs); n != 0 {
+		t.Errorf("Missed = %d for a program that never ran", n)
+	}
+}

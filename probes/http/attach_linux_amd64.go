@@ -520,7 +520,7 @@ func (a *attachment) Stats() (probes.Stats, error) {
 		}
 		total += a.swept[i] + a.evicted[i]
 	}
-	lost := before[ctrLost] + before[ctrUnsupported] + before[ctrUnreadable] + before[ctrPreempted]
+	lost := before[ctrLost] + before[ctrUnsupported] + before[ctrUnreadable] + before[ctrPreempted] + bpfload.Missed(&a.objs.httpBPFPrograms)
 	return probes.Stats{Lost: lost, Evicted: total}, nil
 }
 
