@@ -74,7 +74,25 @@ func TestTCPConnsService(t *testing.T) {
 	}
 	defer c.Close()
 	c.Write(make([]byte, 100000))
-	time.Sleep(50 * time.Millisecond)
+	// Compare once the client side is quiet: everything sent and acked, so
+	// no segment or RTT sample changes what either reader sees.
+	raw, _ := c.(*net.TCPConn).SyscallConn()
+	tcpInfo := func() *unix.TCPInfo {
+		var info *unix.TCPInfo
+		raw.Control(func(fd uintptr) { info, err = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info
+	}
+	for quiet := time.Now().Add(testutil.Timeout(5 * time.Second)); ; time.Sleep(10 * time.Millisecond) {
+		if i := tcpInfo(); i.Unacked == 0 && i.Notsent_bytes == 0 {
+			break
+		}
+		if time.Now().After(quiet) {
+			t.Fatal("the client's 100000 bytes were not all acknowledged in time")
+		}
+	}
 	local, remote := c.LocalAddr().(*net.TCPAddr).AddrPort(), c.RemoteAddr().(*net.TCPAddr).AddrPort()
 	mine, ok := svc.TCPConn(local, remote)
 	if !ok {
@@ -95,12 +113,7 @@ func TestTCPConnsService(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	raw, _ := c.(*net.TCPConn).SyscallConn()
-	var info *unix.TCPInfo
-	raw.Control(func(fd uintptr) { info, err = unix.GetsockoptTCPInfo(int(fd), unix.SOL_TCP, unix.TCP_INFO) })
-	if err != nil {
-		t.Fatal(err)
-	}
+	info := tcpInfo()
 	if mine.SegmentsOut != info.Segs_out || mine.SRTT != time.Duration(info.Rtt)*time.Microsecond {
 		t.Errorf("service says %+v; getsockopt says segs_out %d rtt %dus", mine, info.Segs_out, info.Rtt)
 	}
