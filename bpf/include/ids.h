@@ -22,6 +22,17 @@
  * counts there, and what interrupts it before or after uses and restores
  * the level before it is taken. Contexts nest at most four deep (task,
  * softirq, hardirq, NMI).
+ *
+ * That holds where a program runs with preemption disabled, as on
+ * tracepoints (tcp). Uprobe programs on preemptible kernels (preempt=full
+ * or lazy) run with only migration disabled, so two threads' programs can
+ * interleave on a CPU without nesting: one preempted inside here is still
+ * kept apart from the next caller by its level, but a caller preempted
+ * between reading and writing its count while two others took IDs at its
+ * level would write back a stale count, and a later ID at that level
+ * would repeat one. http's entries already drop a request whose program
+ * was overtaken (scratch_begin/scratch_end); the repeat stays possible,
+ * needing three threads interleaved within two instructions on one CPU.
  */
 #ifndef __FLOWMILL_IDS_H__
 #define __FLOWMILL_IDS_H__
