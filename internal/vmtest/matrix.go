@@ -43,7 +43,7 @@ func testCmd(ctx context.Context, args []string) error {
 	run := fs.String("run", "", "passed to each test binary as -test.run")
 	short := fs.Bool("short", false, "run the tests with -test.short (the longest scale down)")
 	timeout := fs.Duration("timeout", 30*time.Minute, "per package (-test.timeout)")
-	jobs := fs.Int("j", 1, "kernels booted at once")
+	jobs := fs.Int("j", 2, "kernels booted at once (each guest runs on one host thread)")
 	cpus := fs.Int("cpus", 2, "guest CPUs")
 	mem := fs.Int("mem", 4096, "guest memory, MiB")
 	fs.Parse(args)
