@@ -162,6 +162,51 @@ func (c *child) losses() string {
 	return strings.TrimSpace(string(b))
 }
 
+// lost returns the number of records the child's session counted as lost
+// in the kernel (Stats.EventsLost).
+func (c *child) lost(t *testing.T) uint64 {
+	t.Helper()
+	var l struct{ Session struct{ EventsLost uint64 } }
+	if err := json.Unmarshal([]byte(c.losses()), &l); err != nil {
+		t.Fatalf("the child's losses: %v", err)
+	}
+	return l.Session.EventsLost
+}
+
+// collectAll collects nSrv server and nCli client spans. Where some never
+// come, the child's session must have counted at least as many losses
+// (under preemption a request can be lost, never silently): it returns
+// what came and the losses counted.
+func (c *child) collectAll(t *testing.T, nSrv, nCli int) ([]fmhttp.ServerRequest, []fmhttp.ClientRequest, uint64) {
+	t.Helper()
+	var srv []fmhttp.ServerRequest
+	var cli []fmhttp.ClientRequest
+	timeout := time.After(testutil.Timeout(20 * time.Second))
+	for len(srv) < nSrv || len(cli) < nCli {
+		select {
+		case s := <-c.servers:
+			srv = append(srv, s)
+		case s := <-c.clients:
+			cli = append(cli, s)
+		case <-timeout:
+			lost := c.lost(t)
+			if missing := nSrv - len(srv) + nCli - len(cli); uint64(missing) > lost {
+				t.Fatalf("got %d of %d server and %d of %d client spans, and only %d losses counted: %s", len(srv), nSrv, len(cli), nCli, lost, c.losses())
+			}
+			t.Logf("got %d of %d server and %d of %d client spans; %d losses counted", len(srv), nSrv, len(cli), nCli, lost)
+			return srv, cli, lost
+		}
+	}
+	select {
+	case s := <-c.servers:
+		t.Fatalf("extra server span %+v", s)
+	case s := <-c.clients:
+		t.Fatalf("extra client span %+v", s)
+	case <-time.After(300 * time.Millisecond):
+	}
+	return srv, cli, 0
+}
+
 // nServers collects n server spans, then makes sure no extra one follows.
 func (c *child) nServers(t *testing.T, n int) []fmhttp.ServerRequest {
 	t.Helper()
@@ -448,7 +493,7 @@ func TestConcurrent(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	spans := c.nServers(t, n+proxies)
+	spans, clients, lost := c.collectAll(t, n+proxies, proxies)
 	byTrace := map[trace.TraceID]fmhttp.ServerRequest{}
 	for _, s := range spans {
 		if !s.Span.RemoteParent {
@@ -472,11 +517,14 @@ func TestConcurrent(t *testing.T) {
 			t.Errorf("span for %s (%d) has %s (%d)", w.path, w.status, s.Path, s.StatusCode)
 		}
 	}
-	if len(byTrace) != n {
-		t.Errorf("%d requests matched, want %d", len(byTrace), n)
+	if uint64(len(byTrace))+lost < n || lost == 0 && len(byTrace) != n {
+		t.Errorf("%d requests matched, want %d (%d losses counted)", len(byTrace), n, lost)
 	}
-	for _, cl := range c.nClients(t, proxies) {
+	for _, cl := range clients {
 		parent, ok := byTrace[cl.Span.TraceID]
+		if !ok && lost > 0 {
+			continue // its /proxy span may be the one lost
+		}
 		if !ok || parent.Path != "/proxy" || parent.Span.SpanID != cl.Span.ParentSpanID {
 			t.Errorf("client span %+v not the child of its /proxy span", cl.Span)
 		}
