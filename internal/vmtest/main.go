@@ -36,8 +36,6 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
-
-	"github.com/flowmill/flowmill/internal/testprog"
 )
 
 func main() {
@@ -106,17 +104,32 @@ func fetchCmd(args []string) error {
 	if err != nil {
 		return err
 	}
+	ps, err := prepareAll(ks)
+	if err != nil {
+		return err
+	}
+	for _, k := range ks {
+		if p := ps[k.Name]; p != nil {
+			fmt.Printf("%-6s %s %s\n", k.Name, p.Release, p.Dir)
+		}
+	}
+	return nil
+}
+
+// prepareAll readies the guest kernels of ks, by name.
+func prepareAll(ks []kernel) (map[string]*prepared, error) {
+	ps := map[string]*prepared{}
 	for _, k := range ks {
 		if k.Name == hostKernel {
 			continue
 		}
 		p, err := prepare(k)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		fmt.Printf("%-6s %s %s\n", k.Name, p.Release, p.Dir)
+		ps[k.Name] = p
 	}
-	return nil
+	return ps, nil
 }
 
 func execCmd(ctx context.Context, args []string) (int, error) {
@@ -158,9 +171,7 @@ func execCmd(ctx context.Context, args []string) (int, error) {
 	}
 	shares = append(shares, share{Path: progs, ReadOnly: true})
 	var script strings.Builder
-	script.WriteString(guestEnv())
-	fmt.Fprintf(&script, "export %s=%s\n", testprog.PrebuiltEnv, shellQuote(progs))
-	script.WriteString(timeoutScale)
+	script.WriteString(guestEnv(progs))
 	fmt.Fprintf(&script, "cd %s || exit 125\n", shellQuote(wd))
 	script.WriteString(shellQuote(bin))
 	for _, a := range fs.Args()[1:] {

@@ -56,16 +56,9 @@ func testCmd(ctx context.Context, args []string) error {
 		pkgArgs = []string{"./..."}
 	}
 	// Fetch first: a missing kernel fails before anything is built.
-	prepared := map[string]*prepared{}
-	for _, k := range ks {
-		if k.Name == hostKernel {
-			continue
-		}
-		p, err := prepare(k)
-		if err != nil {
-			return err
-		}
-		prepared[k.Name] = p
+	prepared, err := prepareAll(ks)
+	if err != nil {
+		return err
 	}
 	bins, err := os.MkdirTemp("", "vmtest-bin-")
 	if err != nil {
@@ -200,11 +193,6 @@ func buildTests(dir string, patterns []string) ([]testPkg, error) {
 	return pkgs, nil
 }
 
-// timeoutScale stretches the tests' deadlines (testutil.Timeout) in a
-// guest, whose emulated CPU is several times slower than the host's,
-// unless the caller chose a scale.
-const timeoutScale = ": ${FLOWMILL_TEST_TIMEOUT_SCALE:=5}; export FLOWMILL_TEST_TIMEOUT_SCALE\n"
-
 // buildPrograms builds the programs tests run (testprog.All) into a new
 // temporary directory, for $FLOWMILL_PREBUILT; guests get it read-only.
 func buildPrograms() (string, error) {
@@ -224,9 +212,7 @@ func runGuest(ctx context.Context, p *prepared, pkgs []testPkg, progs string, bi
 	}
 	shares = append(shares, share{Path: progs, ReadOnly: true})
 	var s strings.Builder
-	s.WriteString(guestEnv())
-	fmt.Fprintf(&s, "export %s=%s\n", testprog.PrebuiltEnv, shellQuote(progs))
-	s.WriteString(timeoutScale)
+	s.WriteString(guestEnv(progs))
 	s.WriteString("mkdir -p /run/vmtest/out\n")
 	for i, pk := range pkgs {
 		fmt.Fprintf(&s, "cd %s && { read t0 _ </proc/uptime; %s", shellQuote(pk.Dir), shellQuote(pk.Bin))

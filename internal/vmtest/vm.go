@@ -10,6 +10,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/flowmill/flowmill/internal/testprog"
 )
 
 // share is a host directory the guest mounts at the same path.
@@ -136,9 +138,11 @@ func consoleTail(ctl string) string {
 
 func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
 
-// guestEnv returns export lines for the host environment the guest's
-// commands should see.
-func guestEnv() string {
+// guestEnv returns export lines for the environment of the guest's
+// commands: the host's, the prebuilt test programs in progs, and the tests'
+// deadlines stretched (testutil.Timeout), as an emulated CPU is several
+// times slower than the host's, unless the caller chose a scale.
+func guestEnv(progs string) string {
 	skip := map[string]bool{"PWD": true, "OLDPWD": true, "SHLVL": true, "_": true, "PATH": false}
 	env := os.Environ()
 	sort.Strings(env)
@@ -150,6 +154,8 @@ func guestEnv() string {
 		}
 		fmt.Fprintf(&b, "export %s=%s\n", k, shellQuote(v))
 	}
+	fmt.Fprintf(&b, "export %s=%s\n", testprog.PrebuiltEnv, shellQuote(progs))
+	b.WriteString(": ${FLOWMILL_TEST_TIMEOUT_SCALE:=5}; export FLOWMILL_TEST_TIMEOUT_SCALE\n")
 	return b.String()
 }
 
