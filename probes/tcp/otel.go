@@ -268,10 +268,12 @@ func (r *recorder) recordClosed(e *ConnClosed) {
 	f := r.flow(&e.Conn)
 	r.add(&f, &e.Stats)
 	ctx := context.Background()
-	r.duration.Record(ctx, e.Duration.Seconds(), f.sets.rec...)
 	if f.opened {
 		r.active.Add(ctx, -1, f.sets.base...)
 	}
+	// The duration last: a reader that collects while a close is being
+	// recorded and sees its duration sees all the rest of it too.
+	r.duration.Record(ctx, e.Duration.Seconds(), f.sets.rec...)
 	delete(r.flows, e.ID)
 	if r.spans {
 		r.span(e)
