@@ -237,7 +237,8 @@ func (e *Exporter) registerHealth(meter metric.Meter, s *Session) error {
 	lost, err2 := counter("flowmill.events.lost", "{event}", "Records the kernel dropped because a ring buffer was full; raise flowmill.WithRingBufferSize or lower WithMaxLatency.")
 	evicted, err3 := counter("flowmill.flows.evicted", "{flow}", "Entries pushed out of bounded kernel maps before they were reported.")
 	dropped, err4 := counter("flowmill.events.dropped", "{event}", "Events subscribers (the exporter included) missed because their channel was full.")
-	if err := errors.Join(err1, err2, err3, err4); err != nil {
+	missed, err5 := counter("flowmill.hooks.missed", "{hit}", "Hook hits the kernel skipped because a probe program was already running on the CPU.")
+	if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
 		return err
 	}
 	reg, err := meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
@@ -252,8 +253,9 @@ func (e *Exporter) registerHealth(meter metric.Meter, s *Session) error {
 		o.ObserveInt64(lost, int64(st.EventsLost))
 		o.ObserveInt64(evicted, int64(st.Evicted))
 		o.ObserveInt64(dropped, int64(st.Dropped))
+		o.ObserveInt64(missed, int64(st.Missed))
 		return nil
-	}, read, lost, evicted, dropped)
+	}, read, lost, evicted, dropped, missed)
 	if err != nil {
 		return fmt.Errorf("flowmill: registering the health callback: %w", err)
 	}

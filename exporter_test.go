@@ -202,7 +202,7 @@ func TestExporterCountsATransferOnce(t *testing.T) {
 	} else if s := m.Data.(metricdata.Sum[int64]); len(s.DataPoints) != 1 || s.DataPoints[0].Value < 4 {
 		t.Errorf("flowmill.events.read = %+v, want at least the 2 opens and 2 closes", s.DataPoints)
 	}
-	for _, name := range []string{"flowmill.events.lost", "flowmill.flows.evicted", "flowmill.events.dropped"} {
+	for _, name := range []string{"flowmill.events.lost", "flowmill.flows.evicted", "flowmill.events.dropped", "flowmill.hooks.missed"} {
 		if _, ok := ms[name]; !ok {
 			t.Errorf("no %s", name)
 		}

@@ -238,6 +238,12 @@ type Stats struct {
 	// Dropped is events subscribers missed because their channel was full
 	// (the sum of every Subscription.Dropped, past and present).
 	Dropped uint64
+	// Missed is hook hits the kernel skipped because one of the probes'
+	// programs was already running on that CPU (probes.Stats.Missed). On
+	// kernels that preempt eBPF programs (7.x by default) it grows under
+	// load; the kernel does not say whether a skipped hit was in scope,
+	// so it is not part of EventsLost. Linux 5.12 and later.
+	Missed uint64
 }
 
 // Stats reads the session's counters.
@@ -255,6 +261,7 @@ func (s *Session) Stats() (Stats, error) {
 		}
 		st.EventsLost += ps.Lost
 		st.Evicted += ps.Evicted
+		st.Missed += ps.Missed
 	}
 	return st, nil
 }

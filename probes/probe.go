@@ -92,6 +92,13 @@ type Stats struct {
 	// Evicted is entries pushed out of full kernel maps (flows, for
 	// instance) before they could be reported.
 	Evicted uint64
+	// Missed is hook hits the kernel did not run the probe's programs for,
+	// because one of them was already running on that CPU (an interrupt
+	// during the same program, or, where the kernel preempts programs,
+	// another task): see bpfload.Missed. The kernel does not say whether a
+	// skipped hit was in the session's scope, so it is not counted as
+	// lost. Linux 5.12 and later; 0 before.
+	Missed uint64
 }
 
 // Attachment is a loaded and attached probe.

@@ -53,8 +53,10 @@ func (r *Reader) Run() error {
 		err := r.rd.ReadInto(&rec)
 		switch {
 		case err == nil:
-			r.handle(rec.RawSample)
+			// Counted before it is handled: a subscriber that saw the
+			// event never sees a count without it.
 			r.read.Add(1)
+			r.handle(rec.RawSample)
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			r.rd.SetDeadline(time.Now().Add(r.interval))
 		case errors.Is(err, ringbuf.ErrFlushed):

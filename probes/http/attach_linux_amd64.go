@@ -520,8 +520,8 @@ func (a *attachment) Stats() (probes.Stats, error) {
 		}
 		total += a.swept[i] + a.evicted[i]
 	}
-	lost := before[ctrLost] + before[ctrUnsupported] + before[ctrUnreadable] + before[ctrPreempted] + bpfload.Missed(&a.objs.httpBPFPrograms)
-	return probes.Stats{Lost: lost, Evicted: total}, nil
+	lost := before[ctrLost] + before[ctrUnsupported] + before[ctrUnreadable] + before[ctrPreempted]
+	return probes.Stats{Lost: lost, Evicted: total, Missed: bpfload.Missed(&a.objs.httpBPFPrograms)}, nil
 }
 
 func (a *attachment) Close() error {

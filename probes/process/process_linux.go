@@ -119,7 +119,7 @@ func (a *attachment) Stats() (probes.Stats, error) {
 	if err != nil {
 		return probes.Stats{}, err
 	}
-	return probes.Stats{Lost: c[ctrLost] + c[ctrTrackFull] + bpfload.Missed(&a.objs.processBPFPrograms)}, nil
+	return probes.Stats{Lost: c[ctrLost] + c[ctrTrackFull], Missed: bpfload.Missed(&a.objs.processBPFPrograms)}, nil
 }
 
 func (a *attachment) Close() error {

@@ -90,7 +90,7 @@ func (a *attachment) Stats() (probes.Stats, error) {
 	if err != nil {
 		return probes.Stats{}, err
 	}
-	return probes.Stats{Lost: c[ctrLost] + c[ctrFull] + c[ctrExitedFull] + c[ctrTrackFull] + bpfload.Missed(&a.objs.syscallsBPFPrograms)}, nil
+	return probes.Stats{Lost: c[ctrLost] + c[ctrFull] + c[ctrExitedFull] + c[ctrTrackFull], Missed: bpfload.Missed(&a.objs.syscallsBPFPrograms)}, nil
 }
 
 // Close stops the timer, makes a last read (publishing the final Counts),

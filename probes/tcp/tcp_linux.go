@@ -136,7 +136,7 @@ func (a *attachment) Stats() (probes.Stats, error) {
 			a.evicted = uint64(n)
 		}
 	}
-	return probes.Stats{Lost: c[ctrLost] + c[ctrListenerFull] + bpfload.Missed(&a.objs.tcpBPFPrograms), Evicted: a.evicted}, nil
+	return probes.Stats{Lost: c[ctrLost] + c[ctrListenerFull], Evicted: a.evicted, Missed: bpfload.Missed(&a.objs.tcpBPFPrograms)}, nil
 }
 
 func (a *attachment) Close() error {
