@@ -226,8 +226,8 @@ struct {
  * preemption disabled: another thread on the same CPU can run an entry
  * program, and use the CPU's scratch space, while one is halfway through
  * it. So every user of the scratch space bumps its generation on entry and
- * again on exit; an entry that finds, before it stores its state, that the
- * generation moved since it began was overtaken, and drops its (possibly
+ * again on exit; an entry that finds, once it stored its state, that the
+ * generation moved since it began was overtaken, and removes its (possibly
  * mixed) request, counted, rather than report another request's fields.
  */
 static __always_inline __u64 scratch_begin(struct scratch *sc)
@@ -711,14 +711,21 @@ int server_enter(struct pt_regs *ctx)
 		new_trace(e->trace_id);
 	}
 	e->host_len = obj_str(e->host, HOST_MAX, sc->req, off.req_host);
-	if (!scratch_end(sc, gen))
-		return 0;
-	map_add(&servers, &key, s, HTTP_CTR_SERVERS_ADD);
-	if (s->ctx && off.ctx_walk) {
+	{
+		/* Copied out before the check: what passes it is this
+		 * request's. The state itself is copied by the map update,
+		 * so the check comes after it, and undoes it when overtaken. */
 		struct span_ctx sp = { .span_id = e->span_id };
+		__u64 c = s->ctx;
 
 		__builtin_memcpy(sp.trace_id, e->trace_id, 16);
-		map_add(&server_ctxs, &s->ctx, &sp, HTTP_CTR_CTXS_ADD);
+		map_add(&servers, &key, s, HTTP_CTR_SERVERS_ADD);
+		if (!scratch_end(sc, gen)) {
+			map_del(&servers, &key, HTTP_CTR_SERVERS_DEL);
+			return 0;
+		}
+		if (c && off.ctx_walk)
+			map_add(&server_ctxs, &c, &sp, HTTP_CTR_CTXS_ADD);
 	}
 	return 0;
 }
@@ -889,9 +896,10 @@ int client_enter(struct pt_regs *ctx)
 			new_trace(e->trace_id);
 		}
 	}
-	if (!scratch_end(sc, gen))
-		return 0;
+	/* As in server_enter: the map update copies the state, then the check. */
 	map_add(&clients, &key, e, HTTP_CTR_CLIENTS_ADD);
+	if (!scratch_end(sc, gen))
+		map_del(&clients, &key, HTTP_CTR_CLIENTS_DEL);
 	return 0;
 }
 
