@@ -85,8 +85,12 @@ static __always_inline void fm_count(__u32 slot)
 {
 	__u64 *v = bpf_map_lookup_elem(&counters, &slot);
 
+	/* A per-CPU slot, but an atomic add all the same: uprobe programs
+	 * (and, on 7.x, tracepoint programs) can be preempted by another task
+	 * counting on the same CPU, and a plain increment would then lose
+	 * counts. The add returns nothing (no atomic fetch: Linux 5.10). */
 	if (v)
-		(*v)++; /* per-CPU slot: no other writer */
+		__sync_fetch_and_add(v, 1);
 }
 
 /* fm_current_in_scope reports whether the current task is one the session
