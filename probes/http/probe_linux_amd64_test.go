@@ -165,7 +165,9 @@ func (c *child) losses() string {
 // sessionStats returns what the child's session read, lost and evicted.
 func (c *child) sessionStats(t *testing.T) (read, lost, evicted uint64) {
 	t.Helper()
-	var l struct{ Session struct{ EventsRead, EventsLost, Evicted uint64 } }
+	var l struct {
+		Session struct{ EventsRead, EventsLost, Evicted uint64 }
+	}
 	if err := json.Unmarshal([]byte(c.losses()), &l); err != nil {
 		t.Fatalf("the child's losses: %v", err)
 	}
