@@ -179,11 +179,13 @@ func execCmd(ctx context.Context, args []string) (int, error) {
 	}
 	script.WriteString(" >/run/vmtest/stdout 2>/run/vmtest/stderr\n")
 	v := &vm{Kernel: p, CPUs: *cpus, MemMB: *mem, Shares: shares, Script: script.String(), Timeout: *timeout}
-	ctl, rc, err := v.Run(ctx)
-	if ctl != "" {
-		defer os.RemoveAll(ctl)
-		copyFile(os.Stdout, ctl+"/stdout")
-		copyFile(os.Stderr, ctl+"/stderr")
+	ctl, err := newCtl()
+	if err != nil {
+		return 2, err
 	}
+	defer os.RemoveAll(ctl)
+	rc, err := v.Run(ctx, ctl)
+	copyFile(os.Stdout, ctl+"/stdout")
+	copyFile(os.Stderr, ctl+"/stderr")
 	return rc, err
 }

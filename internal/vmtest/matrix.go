@@ -227,31 +227,23 @@ func runGuest(ctx context.Context, p *prepared, pkgs []testPkg, progs string, bi
 	done := make(chan struct{})
 	var reported sync.WaitGroup
 	reported.Add(1)
+	ctl, err := newCtl()
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(ctl)
 	seen := 0
-	var ctlDir string
-	var ctlMu sync.Mutex
 	follow := func() {
-		ctlMu.Lock()
-		dir := ctlDir
-		ctlMu.Unlock()
-		if dir == "" {
-			return
-		}
-		for _, line := range readLines(filepath.Join(dir, "results"))[seen:] {
+		for _, line := range readLines(filepath.Join(ctl, "results"))[seen:] {
 			var i, rc int
 			var t0, t1 float64
 			if _, err := fmt.Sscan(line, &i, &rc, &t0, &t1); err != nil || i < 0 || i >= len(pkgs) {
 				continue
 			}
-			out, _ := os.ReadFile(filepath.Join(dir, "out", fmt.Sprint(i)))
+			out, _ := os.ReadFile(filepath.Join(ctl, "out", fmt.Sprint(i)))
 			report(result{Kernel: p.Name, Pkg: pkgs[i].ImportPath, RC: rc, Seconds: t1 - t0, Output: string(out), Skips: skips(string(out))})
 			seen++
 		}
-	}
-	v.started = func(ctl string) {
-		ctlMu.Lock()
-		ctlDir = ctl
-		ctlMu.Unlock()
 	}
 	go func() {
 		defer reported.Done()
@@ -267,12 +259,9 @@ func runGuest(ctx context.Context, p *prepared, pkgs []testPkg, progs string, bi
 			}
 		}
 	}()
-	ctl, _, err := v.Run(ctx)
+	_, err = v.Run(ctx, ctl)
 	close(done)
 	reported.Wait()
-	if ctl != "" {
-		defer os.RemoveAll(ctl)
-	}
 	if err == nil && seen < len(pkgs) {
 		err = fmt.Errorf("kernel %s: %d of %d packages ran%s", p.Name, seen, len(pkgs), consoleTail(ctl))
 	}

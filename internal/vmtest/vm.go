@@ -28,8 +28,6 @@ type vm struct {
 	Shares  []share
 	Script  string // run by /bin/sh in the guest, with the host's root
 	Timeout time.Duration
-
-	started func(ctl string) // called with the control directory before the boot
 }
 
 // stage2 runs in the guest once it has chrooted into the host's file
@@ -52,15 +50,14 @@ sync
 /bin/busybox poweroff -f
 `
 
-// Run boots the guest and waits for it to power off. It returns the host
-// directory the guest shared as /run/vmtest (the caller removes it), with
-// the script's exit status in script.rc and the serial console in
-// console.log.
-func (v *vm) Run(ctx context.Context) (ctl string, rc int, err error) {
-	ctl, err = os.MkdirTemp("", "vmtest-")
-	if err != nil {
-		return "", -1, err
-	}
+// newCtl makes the host directory a guest shares as /run/vmtest; the
+// caller removes it.
+func newCtl() (string, error) { return os.MkdirTemp("", "vmtest-") }
+
+// Run boots the guest with ctl (newCtl) as its /run/vmtest and waits for it
+// to power off. The script's exit status is left in ctl/script.rc and the
+// serial console in ctl/console.log.
+func (v *vm) Run(ctx context.Context, ctl string) (rc int, err error) {
 	var mounts strings.Builder
 	for i, s := range v.Shares {
 		fmt.Fprintf(&mounts, "s%d %s\n", i, s.Path)
@@ -74,7 +71,7 @@ func (v *vm) Run(ctx context.Context) (ctl string, rc int, err error) {
 	}
 	for name, text := range files {
 		if err := os.WriteFile(filepath.Join(ctl, name), []byte(text), 0o755); err != nil {
-			return ctl, -1, err
+			return -1, err
 		}
 	}
 	args := []string{
@@ -100,27 +97,24 @@ func (v *vm) Run(ctx context.Context) (ctl string, rc int, err error) {
 		}
 		args = append(args, "-virtfs", opt)
 	}
-	if v.started != nil {
-		v.started(ctl)
-	}
 	ctx, cancel := context.WithTimeout(ctx, v.Timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
 	out, err := cmd.CombinedOutput()
 	if ctx.Err() != nil {
-		return ctl, -1, fmt.Errorf("kernel %s: the guest did not power off within %v%s", v.Kernel.Name, v.Timeout, consoleTail(ctl))
+		return -1, fmt.Errorf("kernel %s: the guest did not power off within %v%s", v.Kernel.Name, v.Timeout, consoleTail(ctl))
 	}
 	if err != nil {
-		return ctl, -1, fmt.Errorf("qemu: %w\n%s", err, out)
+		return -1, fmt.Errorf("qemu: %w\n%s", err, out)
 	}
 	b, err := os.ReadFile(filepath.Join(ctl, "script.rc"))
 	if err != nil {
-		return ctl, -1, fmt.Errorf("kernel %s: the guest stopped before the script finished%s", v.Kernel.Name, consoleTail(ctl))
+		return -1, fmt.Errorf("kernel %s: the guest stopped before the script finished%s", v.Kernel.Name, consoleTail(ctl))
 	}
 	if _, err := fmt.Sscan(string(b), &rc); err != nil {
-		return ctl, -1, fmt.Errorf("script.rc: %q", b)
+		return -1, fmt.Errorf("script.rc: %q", b)
 	}
-	return ctl, rc, nil
+	return rc, nil
 }
 
 // consoleTail returns the end of the guest's serial console, for errors.
