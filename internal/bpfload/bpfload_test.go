@@ -189,20 +189,20 @@ func TestKernelBefore(t *testing.T) {
 	}
 }
 
+// rawTracepoint loads a raw tracepoint program made of insns.
+func rawTracepoint(name string, insns ...asm.Instruction) (*ebpf.Program, error) {
+	return ebpf.NewProgram(&ebpf.ProgramSpec{Name: name, Type: ebpf.RawTracepoint, Instructions: insns, License: "GPL"})
+}
+
 // TestExplainRealVerifierError has this kernel's verifier reject a program
 // (it reads a register it never set), as root: the error says so, and is
 // not about privileges.
 func TestExplainRealVerifierError(t *testing.T) {
 	testutil.RequireBPF(t)
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Name: "bad_prog",
-		Type: ebpf.RawTracepoint,
-		Instructions: asm.Instructions{
-			asm.LoadMem(asm.R0, asm.R2, 0, asm.DWord), // R2 is not initialised
-			asm.Return(),
-		},
-		License: "GPL",
-	})
+	prog, err := rawTracepoint("bad_prog",
+		asm.LoadMem(asm.R0, asm.R2, 0, asm.DWord), // R2 is not initialised
+		asm.Return(),
+	)
 	if err == nil {
 		prog.Close()
 		t.Fatal("the verifier accepted a program reading an uninitialised register")
@@ -228,16 +228,11 @@ func TestExplainRealVerifierError(t *testing.T) {
 // EINVAL, reported as ErrMissingHook naming the tracepoint.
 func TestAttachIncompatibleTracepoint(t *testing.T) {
 	testutil.RequireBPF(t)
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Name: "reads_args_7",
-		Type: ebpf.RawTracepoint,
-		Instructions: asm.Instructions{
-			asm.LoadMem(asm.R0, asm.R1, 7*8, asm.DWord),
-			asm.Mov.Imm(asm.R0, 0),
-			asm.Return(),
-		},
-		License: "GPL",
-	})
+	prog, err := rawTracepoint("reads_args_7",
+		asm.LoadMem(asm.R0, asm.R1, 7*8, asm.DWord),
+		asm.Mov.Imm(asm.R0, 0),
+		asm.Return(),
+	)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -261,12 +256,7 @@ func TestAttachIncompatibleTracepoint(t *testing.T) {
 // Programs struct, skipping nil ones; a program that never ran missed none.
 func TestMissed(t *testing.T) {
 	testutil.RequireBPF(t)
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Name:         "ok_prog",
-		Type:         ebpf.RawTracepoint,
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
-		License:      "GPL",
-	})
+	prog, err := rawTracepoint("ok_prog", asm.Mov.Imm(asm.R0, 0), asm.Return())
 	if err != nil {
 		t.Fatal(err)
 	}
