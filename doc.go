@@ -27,11 +27,25 @@
 //   - probes/syscalls: per-process system call counts, aggregated in the
 //     kernel, and the seccomp profile of what was seen.
 //   - probes/http: spans for the HTTP requests the program itself serves
-//     and sends with net/http, from uprobes on its own executable.
+//     and sends with net/http (HTTP/1.x and HTTP/2, plain text or TLS),
+//     from uprobes on its own executable, and W3C
+//     trace context added to the plain-text HTTP/1 requests it sends (by
+//     socket programs: no write to the program's memory, so it works
+//     under kernel lockdown).
+//   - probes/grpc: server spans for the RPCs the program serves with
+//     google.golang.org/grpc (unary and streaming), children of the
+//     caller's span when the RPC's metadata carries a W3C traceparent,
+//     and client spans for the RPCs it makes (Invoke and streams),
+//     children of the served RPC whose context they use, from uprobes on
+//     its own executable. No trace context is sent (see its Status).
+//   - probes/sql: a client span and db.client.operation.duration for every
+//     statement the program runs through database/sql, whatever the
+//     driver, with its literals replaced by placeholders, children of the
+//     served HTTP request they run for (list probes/http first).
 //
 // Families never import each other; where one needs another's knowledge
 // (an HTTP span's TCP round-trip time) it asks through a service on the
-// session's bus (package probes).
+// session, never by importing each other.
 //
 // # OpenTelemetry
 //
@@ -47,7 +61,9 @@
 //	defer exp.Shutdown(context.Background())
 //
 // Package otelviews holds the views that make flowmill's histograms base-2
-// exponential histograms in the SDK.
+// exponential histograms in the SDK. IDGenerator, given to the SDK's
+// TracerProvider, makes the exported spans carry the IDs flowmill sent
+// downstream in traceparent, so that traces join up across services.
 //
 // # Scope
 //
@@ -66,8 +82,19 @@
 //
 // Delivery never blocks the reader: a Subscription whose channel is full
 // misses the event and counts it (Subscription.Dropped). Every other loss is
-// counted too: Session.Stats reports records the kernel dropped because a
-// ring buffer was full, and entries evicted from bounded kernel maps.
+// counted too, in Session.Stats and the exporter's health metrics: records
+// the kernel dropped because a ring buffer was full, entries evicted from
+// bounded kernel maps, records that could not be decoded, and the rest (see
+// Stats).
+//
+// Start is New followed by Session.Start. To receive every event from the
+// first one, subscribe in between:
+//
+//	s, err := flowmill.New(flowmill.WithProbes(tcp.New()))
+//	...
+//	opened, _ := flowmill.Subscribe[tcp.ConnOpened](s)
+//	exp, _ := flowmill.NewExporter(s)
+//	err = s.Start(ctx)
 //
 // # Time
 //
@@ -83,6 +110,7 @@
 // family needs. The HTTP probe needs amd64 and Go 1.26 or 1.27. Start returns
 // an error wrapping ErrPermission, ErrNoBTF, ErrMissingHook or
 // ErrNotSupported, saying what is missing and what to do, when a requirement
-// is not met; a program the kernel's verifier rejects is ErrNotSupported
+// is not met, and ErrInvalidOption naming the option when one has a value
+// it does not accept; a program the kernel's verifier rejects is ErrNotSupported
 // with the kernel release and the verifier's last lines.
 package flowmill

@@ -36,3 +36,24 @@ func Example() {
 			c.Role, c.Local, c.Remote, c.BytesSent, c.BytesReceived, c.SRTT)
 	}
 }
+
+// Subscribe before the probes attach, to receive every event of the
+// session from the first one: New checks the options, Session.Start
+// attaches.
+func ExampleSession_Start() {
+	s, err := flowmill.New(flowmill.WithProbes(tcp.New()))
+	if err != nil {
+		log.Fatal(err) // errors.Is(err, flowmill.ErrInvalidOption): the message names the option
+	}
+	defer s.Close()
+	opened, err := flowmill.Subscribe[tcp.ConnOpened](s)
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := s.Start(context.Background()); err != nil {
+		log.Fatal(err)
+	}
+	for c := range opened.Events() {
+		fmt.Println(c.Role, c.Local, c.Remote)
+	}
+}

@@ -15,7 +15,7 @@ import (
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 // ScopeName is the instrumentation scope of every instrument and span the
@@ -24,23 +24,23 @@ import (
 const ScopeName = "github.com/flowmill/flowmill"
 
 // Attributes selects groups of metric attributes; see WithAttributes.
-type Attributes = probes.Attributes
+type Attributes = probe.Attributes
 
 // Attribute groups for WithAttributes. A client's ephemeral port is in no
 // group: it never becomes a metric attribute.
 const (
 	// AttrPeerAddress: network.peer.address.
-	AttrPeerAddress = probes.AttrPeerAddress
+	AttrPeerAddress = probe.AttrPeerAddress
 	// AttrServerPort: the server-side port (network.local.port on accepted
 	// connections, network.peer.port on outgoing ones).
-	AttrServerPort = probes.AttrServerPort
+	AttrServerPort = probe.AttrServerPort
 	// AttrExecutable: process.executable.name.
-	AttrExecutable = probes.AttrExecutable
+	AttrExecutable = probe.AttrExecutable
 	// AttrPID: process.pid; not in DefaultAttributes, since short-lived
 	// processes of a host would each make their own time series.
-	AttrPID = probes.AttrPID
+	AttrPID = probe.AttrPID
 	// DefaultAttributes is AttrPeerAddress|AttrServerPort|AttrExecutable.
-	DefaultAttributes = probes.DefaultAttributes
+	DefaultAttributes = probe.DefaultAttributes
 )
 
 // ExporterOption configures NewExporter.
@@ -53,27 +53,47 @@ type exporterConfig struct {
 	attrs    Attributes
 	explicit bool
 	buffer   int
+	errs     []error
+}
+
+func (c *exporterConfig) fail(format string, args ...any) {
+	c.errs = append(c.errs, fmt.Errorf(format, args...))
 }
 
 // WithMeterProvider records metrics with mp instead of the global
-// otel.GetMeterProvider().
+// otel.GetMeterProvider(). mp must not be nil.
 func WithMeterProvider(mp metric.MeterProvider) ExporterOption {
-	return func(c *exporterConfig) { c.mp = mp }
+	return func(c *exporterConfig) {
+		if mp == nil {
+			c.fail("WithMeterProvider(nil): omit the option to use the global MeterProvider")
+		}
+		c.mp = mp
+	}
 }
 
 // WithTracerProvider creates spans with tp instead of the global
 // otel.GetTracerProvider(). Spans are made only by families asked to (for
-// TCP connections: tcp.WithSpans).
+// TCP connections: tcp.WithSpans). tp must not be nil.
 func WithTracerProvider(tp trace.TracerProvider) ExporterOption {
-	return func(c *exporterConfig) { c.tp = tp }
+	return func(c *exporterConfig) {
+		if tp == nil {
+			c.fail("WithTracerProvider(nil): omit the option to use the global TracerProvider")
+		}
+		c.tp = tp
+	}
 }
 
 // WithLoggerProvider emits log records with lp instead of the global
 // go.opentelemetry.io/otel/log/global.GetLoggerProvider(). Records are
 // emitted only by families asked to (for process execs and exits:
-// process.WithLogRecords).
+// process.WithLogRecords). lp must not be nil.
 func WithLoggerProvider(lp log.LoggerProvider) ExporterOption {
-	return func(c *exporterConfig) { c.lp = lp }
+	return func(c *exporterConfig) {
+		if lp == nil {
+			c.fail("WithLoggerProvider(nil): omit the option to use the global LoggerProvider")
+		}
+		c.lp = lp
+	}
 }
 
 // WithAttributes chooses the metric attribute groups (default
@@ -81,9 +101,16 @@ func WithLoggerProvider(lp log.LoggerProvider) ExporterOption {
 // the peer address on a server with many clients, or
 // DefaultAttributes|AttrPID to tell processes of the same executable
 // apart. network.transport,
-// network.type and the connection's role are always present.
+// network.type and the connection's role are always present. a may be 0
+// (none of the groups), and must not have bits beyond the groups above.
 func WithAttributes(a Attributes) ExporterOption {
-	return func(c *exporterConfig) { c.attrs = a }
+	return func(c *exporterConfig) {
+		if a&^probe.AllAttributes != 0 {
+			c.fail("WithAttributes(%#x): unknown attribute groups %#x: combine AttrPeerAddress, AttrServerPort, AttrExecutable and AttrPID", uint32(a), uint32(a&^probe.AllAttributes))
+			return
+		}
+		c.attrs = a
+	}
 }
 
 // WithExplicitBuckets gives the histograms (RTT, durations) flowmill's
@@ -98,10 +125,17 @@ func WithExplicitBuckets() ExporterOption {
 }
 
 // WithExportBuffer sets the capacity of each of the exporter's
-// subscription channels (default 4096). Events that find a channel full
-// are dropped and counted in Stats.Dropped (flowmill.events.dropped).
+// subscription channels, from 1 to 4194304 (default 4096). Events that find
+// a channel full are dropped and counted in Stats.Dropped
+// (flowmill.events.dropped).
 func WithExportBuffer(n int) ExporterOption {
-	return func(c *exporterConfig) { c.buffer = n }
+	return func(c *exporterConfig) {
+		if n < 1 || n > maxBuffer {
+			c.fail("WithExportBuffer(%d): must be between 1 and %d", n, maxBuffer)
+			return
+		}
+		c.buffer = n
+	}
 }
 
 // flushTimeout bounds the flush after the session ended on its own.
@@ -136,14 +170,23 @@ type Exporter struct {
 //	exp, err := flowmill.NewExporter(s)
 //	defer exp.Shutdown(context.Background())
 //
-// Every family of the session that implements probes.Telemetry (tcp,
-// process and syscalls do) maps its own events; families without a mapping
-// are left out. The exporter stops when the session ends, or on Shutdown
-// or Close.
+// Made between New and Session.Start, the exporter records every event
+// from the first one. Every family of the session that has an
+// OpenTelemetry mapping (tcp, process, syscalls, http and grpc have) maps its
+// own events; families without one are left out. The exporter stops when
+// the session ends, or on Shutdown or Close. An invalid option is an error
+// wrapping ErrInvalidOption.
 func NewExporter(s *Session, opts ...ExporterOption) (*Exporter, error) {
 	c := exporterConfig{attrs: DefaultAttributes, buffer: 4096}
 	for _, o := range opts {
+		if o == nil {
+			c.fail("an ExporterOption is nil")
+			continue
+		}
 		o(&c)
+	}
+	if len(c.errs) > 0 {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidOption, errors.Join(c.errs...))
 	}
 	if c.mp == nil {
 		c.mp = otel.GetMeterProvider()
@@ -154,9 +197,6 @@ func NewExporter(s *Session, opts ...ExporterOption) (*Exporter, error) {
 	if c.lp == nil {
 		c.lp = global.GetLoggerProvider()
 	}
-	if c.buffer <= 0 {
-		return nil, fmt.Errorf("flowmill: export buffer %d must be positive", c.buffer)
-	}
 	select {
 	case <-s.done:
 		return nil, ErrClosed
@@ -164,7 +204,7 @@ func NewExporter(s *Session, opts ...ExporterOption) (*Exporter, error) {
 	}
 	v := version()
 	meter := c.mp.Meter(ScopeName, metric.WithInstrumentationVersion(v), metric.WithSchemaURL(semconv.SchemaURL))
-	env := &probes.TelemetryEnv{
+	env := &probe.TelemetryEnv{
 		Bus:             s.bus,
 		Buffer:          c.buffer,
 		Meter:           meter,
@@ -175,7 +215,7 @@ func NewExporter(s *Session, opts ...ExporterOption) (*Exporter, error) {
 	}
 	e := &Exporter{mp: c.mp, tp: c.tp, lp: c.lp, stop: make(chan struct{}), done: make(chan struct{})}
 
-	var recs []probes.Recorder
+	var recs []probe.Recorder
 	giveUp := func(err error) (*Exporter, error) {
 		close(e.stop)
 		for _, r := range recs {
@@ -186,8 +226,8 @@ func NewExporter(s *Session, opts ...ExporterOption) (*Exporter, error) {
 		}
 		return nil, err
 	}
-	for _, p := range s.probes {
-		t, ok := p.(probes.Telemetry)
+	for _, p := range s.cfg.probes {
+		t, ok := p.(probe.Telemetry)
 		if !ok {
 			continue
 		}
@@ -238,14 +278,15 @@ func (e *Exporter) registerHealth(meter metric.Meter, s *Session) error {
 	evicted, err3 := counter("flowmill.flows.evicted", "{flow}", "Entries pushed out of bounded kernel maps before they were reported.")
 	dropped, err4 := counter("flowmill.events.dropped", "{event}", "Events subscribers (the exporter included) missed because their channel was full.")
 	missed, err5 := counter("flowmill.hooks.missed", "{hit}", "Hook hits the kernel skipped because a probe program was already running on the CPU.")
-	if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
+	malformed, err6 := counter("flowmill.events.malformed", "{event}", "Records that could not be decoded and were dropped; a defect, please report it.")
+	incomplete, err7 := counter("flowmill.events.incomplete", "{event}", "Events delivered with fields the kernel could not read.")
+	unsupported, err8 := counter("flowmill.events.unsupported", "{event}", "Activity in scope that the probes saw but do not instrument (HTTP/2 requests, for instance).")
+	pollsFailed, err9 := counter("flowmill.polls.failed", "{poll}", "Periodic reads of kernel state that failed for part of the scope (a network namespace that could not be entered, for instance).")
+	if err := errors.Join(err1, err2, err3, err4, err5, err6, err7, err8, err9); err != nil {
 		return err
 	}
 	reg, err := meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
 		st, err := s.Stats()
-		if errors.Is(err, ErrClosed) {
-			return nil // partial counters after close would go backwards
-		}
 		if err != nil {
 			return err
 		}
@@ -254,8 +295,12 @@ func (e *Exporter) registerHealth(meter metric.Meter, s *Session) error {
 		o.ObserveInt64(evicted, int64(st.Evicted))
 		o.ObserveInt64(dropped, int64(st.Dropped))
 		o.ObserveInt64(missed, int64(st.Missed))
+		o.ObserveInt64(malformed, int64(st.Malformed))
+		o.ObserveInt64(incomplete, int64(st.Incomplete))
+		o.ObserveInt64(unsupported, int64(st.Unsupported))
+		o.ObserveInt64(pollsFailed, int64(st.PollsFailed))
 		return nil
-	}, read, lost, evicted, dropped, missed)
+	}, read, lost, evicted, dropped, missed, malformed, incomplete, unsupported, pollsFailed)
 	if err != nil {
 		return fmt.Errorf("flowmill: registering the health callback: %w", err)
 	}

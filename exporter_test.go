@@ -21,9 +21,9 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/flowmill/flowmill"
+	"github.com/flowmill/flowmill/internal/probe"
 	"github.com/flowmill/flowmill/internal/testutil"
 	"github.com/flowmill/flowmill/otelviews"
-	"github.com/flowmill/flowmill/probes"
 	"github.com/flowmill/flowmill/probes/tcp"
 )
 
@@ -267,14 +267,15 @@ func TestExporterStopsWithSessionAndShutdownIsIdempotent(t *testing.T) {
 // silent is a probe family with no OpenTelemetry mapping.
 type silent struct{}
 
-func (silent) Name() string                                  { return "silent" }
-func (silent) Attach(*probes.Env) (probes.Attachment, error) { return silentAtt{}, nil }
+func (silent) Name() string                                { return "silent" }
+func (silent) Prepare(*probe.Bus) error                    { return nil }
+func (silent) Attach(*probe.Env) (probe.Attachment, error) { return silentAtt{}, nil }
 
 type silentAtt struct{}
 
-func (silentAtt) Rings() []probes.Ring         { return nil }
-func (silentAtt) Stats() (probes.Stats, error) { return probes.Stats{}, nil }
-func (silentAtt) Close() error                 { return nil }
+func (silentAtt) Rings() []probe.Ring         { return nil }
+func (silentAtt) Stats() (probe.Stats, error) { return probe.Stats{}, nil }
+func (silentAtt) Close() error                { return nil }
 
 func TestExporterNeedsAMappedFamily(t *testing.T) {
 	testutil.RequireBPF(t)
@@ -290,7 +291,7 @@ func TestExporterNeedsAMappedFamily(t *testing.T) {
 // to check what the exporter hands families for logs.
 type logging struct{ silent }
 
-func (logging) Telemetry(env *probes.TelemetryEnv) (probes.Recorder, error) {
+func (logging) Telemetry(env *probe.TelemetryEnv) (probe.Recorder, error) {
 	return logRecorder{env.Logger}, nil
 }
 
@@ -343,5 +344,57 @@ func TestExporterLoggerProvider(t *testing.T) {
 	defer sink.mu.Unlock()
 	if len(sink.recs) != 1 || sink.recs[0].EventName() != "test.event" || sink.recs[0].InstrumentationScope().Name != flowmill.ScopeName {
 		t.Errorf("records after Shutdown: %+v, want one test.event in scope %s", sink.recs, flowmill.ScopeName)
+	}
+}
+
+// lossy is a mapped family whose attachment reports fixed loss counters.
+type lossy struct{ logging }
+
+func (lossy) Attach(*probe.Env) (probe.Attachment, error) { return lossyAtt{}, nil }
+
+type lossyAtt struct{ silentAtt }
+
+var lossyStats = probe.Stats{Lost: 1, Evicted: 2, Missed: 3, Malformed: 4, Incomplete: 5, Unsupported: 6, PollsFailed: 7}
+
+func (lossyAtt) Stats() (probe.Stats, error) { return lossyStats, nil }
+
+// Every per-probe loss counter reaches Session.Stats, before and after
+// Close, and its health metric.
+func TestExporterHealthCounters(t *testing.T) {
+	testutil.RequireBPF(t)
+	s, err := flowmill.New(flowmill.WithProbes(lossy{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	t.Cleanup(func() { _ = mp.Shutdown(context.Background()) })
+	exp, err := flowmill.NewExporter(s, flowmill.WithMeterProvider(mp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { exp.Close() })
+	testutil.CheckStart(t, s.Start(t.Context()))
+	want := flowmill.Stats{EventsLost: 1, Evicted: 2, Missed: 3, Malformed: 4, Incomplete: 5, Unsupported: 6, PollsFailed: 7}
+	if st, err := s.Stats(); err != nil || st != want {
+		t.Errorf("Stats: %+v, %v; want %+v", st, err, want)
+	}
+	ms := collect(t, reader)
+	for name, v := range map[string]int64{
+		"flowmill.events.read": 0, "flowmill.events.lost": 1, "flowmill.flows.evicted": 2,
+		"flowmill.hooks.missed": 3, "flowmill.events.malformed": 4, "flowmill.events.incomplete": 5,
+		"flowmill.events.unsupported": 6, "flowmill.polls.failed": 7, "flowmill.events.dropped": 0,
+	} {
+		p, ok := sumPoint(ms[name], *attribute.EmptySet())
+		if !ok || p.Value != v {
+			t.Errorf("%s: %+v (found %v), want %d", name, p, ok, v)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := s.Stats(); err != nil || st != want {
+		t.Errorf("Stats after Close: %+v, %v; want the final %+v", st, err, want)
 	}
 }

@@ -61,8 +61,8 @@ func TestCloseConcurrent(t *testing.T) {
 	if _, err := flowmill.Subscribe[tcp.ConnOpened](s); !errors.Is(err, flowmill.ErrClosed) {
 		t.Errorf("Subscribe after Close: %v, want ErrClosed", err)
 	}
-	if _, err := s.Stats(); !errors.Is(err, flowmill.ErrClosed) {
-		t.Errorf("Stats after Close: %v, want ErrClosed", err)
+	if _, err := s.Stats(); err != nil {
+		t.Errorf("Stats after Close: %v, want the final counts", err)
 	}
 }
 
@@ -103,19 +103,7 @@ func TestCloseDeliversPending(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp4", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, sc := connect(t, listen(t))
 	c.Close()
 	sc.Close()
 	time.Sleep(100 * time.Millisecond) // both sockets destroyed; records wait in the ring
@@ -186,4 +174,75 @@ func TestSubscribeFunc(t *testing.T) {
 	if len(ports) != n {
 		t.Errorf("called after stop: %v", ports[n:])
 	}
+}
+
+// A subscription made between New and Start sees the session's first
+// connection, and Stats after Close are the final counts.
+func TestSubscribeBeforeStart(t *testing.T) {
+	testutil.RequireBPF(t)
+	s, err := flowmill.New(flowmill.WithProbes(tcp.New(tcp.WithStatsInterval(0))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	opened, err := flowmill.Subscribe[tcp.ConnOpened](s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := listen(t)
+	testutil.CheckStart(t, s.Start(t.Context()))
+	if err := s.Start(t.Context()); err == nil {
+		t.Error("a second Start succeeded")
+	}
+	c, sc := connect(t, ln)
+	sc.Close()
+	c.Close()
+	select {
+	case e := <-opened.Events():
+		if e.Local != c.LocalAddr().(*net.TCPAddr).AddrPort() && e.Remote != c.LocalAddr().(*net.TCPAddr).AddrPort() {
+			t.Errorf("first event %+v is not the connection from %v", e, c.LocalAddr())
+		}
+	case <-time.After(testutil.Timeout(5 * time.Second)):
+		t.Fatal("no ConnOpened")
+	}
+	before, err := s.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	after, err := s.Stats()
+	if err != nil {
+		t.Fatalf("Stats after Close: %v", err)
+	}
+	if after.EventsRead < before.EventsRead || after.EventsRead == 0 {
+		t.Errorf("EventsRead after Close %d, before %d", after.EventsRead, before.EventsRead)
+	}
+}
+
+// listen listens on a loopback port until the test ends.
+func listen(t *testing.T) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// connect makes one connection to ln and returns both of its ends.
+func connect(t *testing.T, ln net.Listener) (client, server net.Conn) {
+	t.Helper()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc, err := ln.Accept()
+	if err != nil {
+		c.Close()
+		t.Fatal(err)
+	}
+	return c, sc
 }

@@ -9,13 +9,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flowmill/flowmill/internal/probe"
 	"github.com/flowmill/flowmill/internal/testutil"
-	"github.com/flowmill/flowmill/probes"
 	"github.com/flowmill/flowmill/probes/tcp"
 )
 
 // A family that answers another's question first catches up with the
-// records waiting in the rings (probes.Env.Sync): with reads on a timer of
+// records waiting in the rings (probe.Env.Sync): with reads on a timer of
 // an hour, the TCP family still knows the final counters of a connection
 // that closed a moment ago.
 func TestSyncCatchesUp(t *testing.T) {
@@ -23,9 +23,9 @@ func TestSyncCatchesUp(t *testing.T) {
 	s, err := Start(context.Background(), WithProbes(tcp.New(tcp.WithStatsInterval(0))), WithMaxLatency(time.Hour))
 	testutil.CheckStart(t, err)
 	defer s.Close()
-	conns, ok := probes.Lookup[probes.TCPConns](s.bus)
+	conns, ok := probe.Lookup[probe.TCPConns](s.bus)
 	if !ok {
-		t.Fatal("no probes.TCPConns in a session with the TCP probe")
+		t.Fatal("no probe.TCPConns in a session with the TCP probe")
 	}
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {

@@ -162,8 +162,7 @@ int on_exec(struct bpf_raw_tracepoint_args *ctx)
 
 /* sched_process_exit(struct task_struct *p): one argument before Linux 6.16
  * (group_dead came then); only args[0] is read, on every kernel. */
-SEC("raw_tracepoint/sched_process_exit")
-int on_exit(struct bpf_raw_tracepoint_args *ctx)
+static __always_inline int report_exit(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct task_struct *t = (void *)ctx->args[0];
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -183,6 +182,8 @@ int on_exit(struct bpf_raw_tracepoint_args *ctx)
 	fm_submit(e, sizeof(*e));
 	return 0;
 }
+
+PT_EXIT_PROGRAMS(report_exit)
 
 SEC("raw_tracepoint/sched_process_fork")
 int on_fork(struct bpf_raw_tracepoint_args *ctx)

@@ -102,8 +102,7 @@ int on_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 
 /* sched_process_exit(struct task_struct *p): one argument before Linux 6.16
  * (group_dead came then); only args[0] is read, on every kernel. */
-SEC("raw_tracepoint/sched_process_exit")
-int on_exit(struct bpf_raw_tracepoint_args *ctx)
+static __always_inline int note_exit(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct task_struct *t = (void *)ctx->args[0];
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -118,6 +117,8 @@ int on_exit(struct bpf_raw_tracepoint_args *ctx)
 		fm_count(SC_CTR_EXITED_FULL);
 	return 0;
 }
+
+PT_EXIT_PROGRAMS(note_exit)
 
 SEC("raw_tracepoint/sched_process_fork")
 int on_fork(struct bpf_raw_tracepoint_args *ctx)

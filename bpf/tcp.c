@@ -17,37 +17,51 @@
  *
  * Attribution: a client flow belongs to the task that called connect() (the
  * SYN_SENT transition runs in its context). A server flow belongs to the
- * owner of its listening socket, found by port: the handshake completes in
- * softirq context, on whatever task happened to be running.
+ * owner of the listening socket it was accepted from: its handshake
+ * completes in softirq context, on whatever task happened to be running.
+ * Listening sockets are keyed by the socket itself (its address), recorded
+ * at the LISTEN transition (in the task that called listen()) and removed
+ * at its close, so listeners sharing a port (other addresses, a SO_REUSEPORT
+ * group) each keep their owner. A connection's socket is a clone of the
+ * listener that accepted it, and its first transition (LISTEN -> SYN_RECV)
+ * fires inside the cloning, before the kernel re-initialises what was
+ * copied: its tsorted_sent_queue list head (empty on a listener, so
+ * pointing at itself) still points into the listener, which gives the
+ * listener's address. The address is checked (both list pointers agree, the
+ * socket there is listening on the same port) before it is used, and a
+ * connection whose listener cannot be found that way is counted.
+ * Listening sockets that existed before the probe started are found by
+ * user space, which knows them by socket cookie (sock_diag): the check
+ * reads the listener's cookie too.
+ *
+ * A socket whose counters cannot be read (a failed probe read, which a live
+ * socket should never cause) is still reported, with what is missing said
+ * in the event's missing bits; user space counts those events.
  */
 #include "flowmill.h"
 #include "ids.h"
 
-#define AF_INET 2
-#define AF_INET6 10
-#define IPPROTO_TCP 6
 /* enum sock_flags: SOCK_DEAD, SOCK_DONE, ... (include/net/sock.h) */
 #define SOCK_DONE 1
-
-enum {
-	TCP_ESTABLISHED = 1,
-	TCP_SYN_SENT = 2,
-	TCP_SYN_RECV = 3,
-	TCP_FIN_WAIT1 = 4,
-	TCP_FIN_WAIT2 = 5,
-	TCP_TIME_WAIT = 6,
-	TCP_CLOSE = 7,
-	TCP_CLOSE_WAIT = 8,
-	TCP_LAST_ACK = 9,
-	TCP_LISTEN = 10,
-	TCP_CLOSING = 11,
-};
 
 /* Family counters (see FM_CTR_FAMILY). */
 enum {
 	TCP_CTR_FLOW_NEW = FM_CTR_FAMILY, /* flows inserted in the flow map */
 	TCP_CTR_FLOW_DONE,                /* flows removed by this program */
-	TCP_CTR_LISTENER_FULL,            /* listeners not tracked: map full */
+	TCP_CTR_LISTENER_LOST,            /* listeners not tracked: map full */
+	TCP_CTR_LISTENER_UNRESOLVED,      /* accepted sockets whose listener
+					   * the clone did not lead to */
+	TCP_CTR_FLOW_FULL,                /* flows not inserted: the LRU had no
+					   * free node for them (it can fail
+					   * when other CPUs hold its free
+					   * nodes in their local lists) */
+};
+
+/* What could not be read of a socket (tcp_event.missing, flow.missing). */
+enum tcp_missing {
+	TCP_MISSING_ADDRESSES = 1, /* tuple: zero */
+	TCP_MISSING_COUNTERS = 2,  /* counts: zero (at open: the base; the
+				    * flow's later counts are missing too) */
 };
 
 enum tcp_event_kind {
@@ -97,6 +111,7 @@ struct tcp_event {
 	__u32 rst_received;
 	__u8 kind;
 	__u8 role;
+	__u8 missing; /* enum tcp_missing bits */
 };
 
 struct flow {
@@ -114,12 +129,7 @@ struct flow {
 		       * those on_set_state looks at) */
 	__u8 role;
 	__u8 closed;
-};
-
-struct listener_key {
-	__u32 netns;
-	__u16 port;
-	__u16 pad;
+	__u8 missing; /* enum tcp_missing bits */
 };
 
 /* In-flight flows, keyed by socket address. Bounded; the loader sizes it.
@@ -131,13 +141,24 @@ struct {
 	__type(value, struct flow);
 } flows SEC(".maps");
 
-/* Listening sockets of tasks in scope: their accepted flows are in scope. */
+/* Listening sockets of tasks in scope, by socket address: their accepted
+ * flows are in scope. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, struct listener_key);
+	__uint(max_entries, 8192);
+	__type(key, __u64);
 	__type(value, struct fm_task);
 } listeners SEC(".maps");
+
+/* Listening sockets in scope that existed before the probe started, by
+ * socket cookie (what user space knows them by). An entry moves to
+ * listeners when its first connection arrives. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64);
+	__type(value, struct fm_task);
+} seeded_listeners SEC(".maps");
 
 /* Keep the event type in the object's BTF for bpf2go -type. */
 const struct tcp_event *unused_tcp_event __attribute__((unused));
@@ -171,7 +192,15 @@ struct {
 #define SNAP(buf, type, field) \
 	(*(typeof(((type *)0)->field) *)((buf) + bpf_core_field_offset(type, field)))
 
-static __always_inline const __u8 *snapshot(const struct sock *sk)
+/* snapshot returns the buffer and sets *got to the parts read: SNAP_COMMON
+ * (sock_common: addresses, flags) and SNAP_TCP (the counters). */
+enum {
+	SNAP_COMMON = 1,
+	SNAP_TCP = 2,
+	SNAP_ALL = SNAP_COMMON | SNAP_TCP,
+};
+
+static __always_inline const __u8 *snapshot(const struct sock *sk, __u32 *got)
 {
 	__u32 zero = 0;
 	__u8 *buf = bpf_map_lookup_elem(&snaps, &zero);
@@ -187,27 +216,20 @@ static __always_inline const __u8 *snapshot(const struct sock *sk)
 			   MAX(MAX(END(struct tcp_sock, bytes_received), END(struct tcp_sock, segs_in)),
 			       MAX(END(struct tcp_sock, bytes_acked), END(struct tcp_sock, total_retrans)))));
 
-	if (!buf || common > SNAP_SIZE || lo >= hi || hi > SNAP_SIZE)
+	*got = 0;
+	if (!buf || common > SNAP_SIZE)
 		return 0;
-	if (bpf_probe_read_kernel(buf, common, sk) ||
-	    bpf_probe_read_kernel(buf + lo, hi - lo, (const __u8 *)sk + lo))
-		return 0;
+	if (bpf_probe_read_kernel(buf, common, sk) == 0)
+		*got |= SNAP_COMMON;
+	if (lo < hi && hi <= SNAP_SIZE &&
+	    bpf_probe_read_kernel(buf + lo, hi - lo, (const __u8 *)sk + lo) == 0)
+		*got |= SNAP_TCP;
 	return buf;
 }
 
 static __always_inline __u32 sk_netns(const struct sock *sk)
 {
 	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-}
-
-static __always_inline bool is_inet_tcp(const struct sock *sk)
-{
-	__u16 family;
-
-	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
-		return false;
-	family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	return family == AF_INET || family == AF_INET6;
 }
 
 static __always_inline void read_counts(const __u8 *b, struct flow *f,
@@ -270,6 +292,7 @@ static __always_inline void emit(struct flow *f, __u8 kind, __u64 ts)
 	e->start_ns = f->start_ns;
 	e->kind = kind;
 	e->role = f->role;
+	e->missing = f->missing;
 	e->rst_sent = f->rst_sent;
 	e->rst_received = f->rst_received;
 	if (kind == TCP_EVENT_OPEN) {
@@ -293,20 +316,30 @@ static __always_inline void flow_insert(__u64 key, struct flow *f)
 	f->id = fm_unique_id();
 	if (bpf_map_update_elem(&flows, &key, f, BPF_ANY) == 0)
 		fm_count(TCP_CTR_FLOW_NEW);
+	else
+		fm_count(TCP_CTR_FLOW_FULL);
 }
 
+/* established starts reporting a flow. What of the socket cannot be read
+ * is left zero and marked missing, and the flow reported all the same. */
 static __always_inline void established(const struct sock *sk, struct flow *f,
 					__u32 netns, __u64 now)
 {
-	const __u8 *b = snapshot(sk);
+	__u32 got;
+	const __u8 *b = snapshot(sk, &got);
 
-	if (!b)
-		return;
 	f->start_ns = now;
-	f->base_acked = SNAP(b, struct tcp_sock, bytes_acked);
-	f->base_received = SNAP(b, struct tcp_sock, bytes_received);
 	f->states |= 1 << TCP_ESTABLISHED;
-	read_tuple(b, &f->tuple);
+	if (b && (got & SNAP_TCP)) {
+		f->base_acked = SNAP(b, struct tcp_sock, bytes_acked);
+		f->base_received = SNAP(b, struct tcp_sock, bytes_received);
+	} else {
+		f->missing |= TCP_MISSING_COUNTERS;
+	}
+	if (b && (got & SNAP_COMMON))
+		read_tuple(b, &f->tuple);
+	else
+		f->missing |= TCP_MISSING_ADDRESSES;
 	f->tuple.netns = netns;
 	emit(f, TCP_EVENT_OPEN, now);
 }
@@ -314,19 +347,84 @@ static __always_inline void established(const struct sock *sk, struct flow *f,
 /* closed snapshots the final counters. tcp_disconnect() zeroes them right
  * after the TCP_CLOSE transition, so this runs at the transition; the event
  * waits for tcp_destroy_sock, so that a reset sent by the close path is
- * counted. */
+ * counted. Counters counted from an unknown base are not read: they stay
+ * zero, marked missing. */
 static __always_inline void closed(const struct sock *sk, struct flow *f)
 {
-	const __u8 *b = snapshot(sk);
+	__u32 got;
+	const __u8 *b = snapshot(sk, &got);
 
-	if (b)
+	if (b && got == SNAP_ALL && !(f->missing & TCP_MISSING_COUNTERS))
 		read_counts(b, f, &f->final);
+	else
+		f->missing |= TCP_MISSING_COUNTERS;
 	f->close_ns = bpf_ktime_get_ns();
 	f->closed = 1;
 }
 
-SEC("raw_tracepoint/inet_sock_set_state")
-int on_set_state(struct bpf_raw_tracepoint_args *ctx)
+/* listener_of returns the owner of the listening socket that child (in its
+ * LISTEN -> SYN_RECV transition, inside the kernel's cloning of the
+ * listener) is a clone of, if that listener is in scope; see the top of
+ * this file. */
+static __always_inline struct fm_task *listener_of(const struct sock *child)
+{
+	const struct tcp_sock *tp = (const void *)child;
+	struct list_head copied;
+	struct fm_task *owner;
+	__u64 l, cookie;
+
+	if (bpf_probe_read_kernel(&copied, sizeof(copied), &tp->tsorted_sent_queue) ||
+	    copied.next != copied.prev) {
+		fm_count(TCP_CTR_LISTENER_UNRESOLVED);
+		return 0;
+	}
+	l = (__u64)copied.next - bpf_core_field_offset(struct tcp_sock, tsorted_sent_queue);
+	owner = bpf_map_lookup_elem(&listeners, &l);
+	if (owner)
+		return owner;
+	/* Not one we saw start listening: check it is a listener on the
+	 * child's port, then look for it among those user space found. */
+	const struct sock *lsk = (const void *)l;
+
+	if (BPF_CORE_READ(lsk, __sk_common.skc_state) != TCP_LISTEN ||
+	    BPF_CORE_READ(lsk, __sk_common.skc_num) != BPF_CORE_READ(child, __sk_common.skc_num)) {
+		fm_count(TCP_CTR_LISTENER_UNRESOLVED);
+		return 0;
+	}
+	cookie = BPF_CORE_READ(lsk, __sk_common.skc_cookie.counter);
+	if (!cookie)
+		return 0;
+	owner = bpf_map_lookup_elem(&seeded_listeners, &cookie);
+	if (!owner)
+		return 0;
+	/* From now on by address, as if it had started listening now. */
+	if (bpf_map_update_elem(&listeners, &l, owner, BPF_ANY) == 0) {
+		bpf_map_delete_elem(&seeded_listeners, &cookie);
+		return bpf_map_lookup_elem(&listeners, &l);
+	}
+	return owner;
+}
+
+/* stale_close ends the entry of a socket that is gone: closed with what
+ * is known (its counters missing unless its close was seen). */
+static __always_inline void stale_close(__u64 key, struct flow *f)
+{
+	if (f->start_ns) {
+		if (!f->closed) {
+			__builtin_memset(&f->final, 0, sizeof(f->final));
+			f->missing |= TCP_MISSING_COUNTERS;
+			f->close_ns = bpf_ktime_get_ns();
+		}
+		emit(f, TCP_EVENT_CLOSE, f->close_ns);
+	}
+	flow_done(key);
+}
+
+/* inet_sock_set_state, twice (FM_TWICE): a skipped hit would lose a
+ * flow's start or end. The second run of a hit finds its work done: a
+ * flow inserted by this very transition (only its first state seen, not
+ * started), an established flow, a closed one, an entry gone. */
+static __always_inline int set_state(struct bpf_raw_tracepoint_args *ctx)
 {
 	const struct sock *sk = (const void *)ctx->args[0];
 	int oldstate = ctx->args[1];
@@ -337,23 +435,37 @@ int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 	/* Most transitions need nothing: only these create, report or end a
 	 * flow, or (FIN_WAIT1, LAST_ACK: our FIN was queued) change how its
 	 * bytes are counted. The rest return before any lookup. */
-	if (!((1 << (newstate & 15)) & ((1 << TCP_SYN_SENT) | (1 << TCP_ESTABLISHED) |
-					 (1 << TCP_FIN_WAIT1) | (1 << TCP_LAST_ACK) |
-					 (1 << TCP_CLOSE) | (1 << TCP_LISTEN))))
+	if (!((1 << (newstate & 15)) & ((1 << TCP_SYN_SENT) | (1 << TCP_SYN_RECV) |
+					 (1 << TCP_ESTABLISHED) | (1 << TCP_FIN_WAIT1) |
+					 (1 << TCP_LAST_ACK) | (1 << TCP_CLOSE) |
+					 (1 << TCP_LISTEN))))
 		return 0;
 
 	/* A flow we track moves on. Only the flow map is keyed by a TCP
 	 * socket, so no further checks. */
 	f = bpf_map_lookup_elem(&flows, &key);
+	if (f && (newstate == TCP_SYN_SENT || newstate == TCP_SYN_RECV)) {
+		if (f->states == (1 << newstate) && !f->start_ns)
+			return 0; /* inserted by this hit's first run */
+		/* A socket begins with these, and a failed connect ends its
+		 * entry: this one is a freed socket's, whose destroy hit the
+		 * kernel skipped (Stats.Missed). Its close goes out now,
+		 * counters missing, rather than the new socket taking it
+		 * over. */
+		stale_close(key, f);
+		f = NULL;
+	}
 	if (f) {
 		f->states |= 1 << (newstate & 15);
-		if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_SENT) {
-			established(sk, f, sk_netns(sk), bpf_ktime_get_ns());
+		if (newstate == TCP_ESTABLISHED &&
+		    (oldstate == TCP_SYN_SENT || oldstate == TCP_SYN_RECV)) {
+			if (!f->start_ns)
+				established(sk, f, sk_netns(sk), bpf_ktime_get_ns());
 		} else if (newstate == TCP_CLOSE) {
-			if (f->start_ns)
-				closed(sk, f);
-			else
+			if (!f->start_ns)
 				flow_done(key); /* refused or timed out: no event */
+			else if (!f->closed)
+				closed(sk, f);
 		}
 		return 0;
 	}
@@ -361,7 +473,7 @@ int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 	switch (newstate) {
 	case TCP_SYN_SENT: {
 		/* connect(): process context, the caller owns the flow. */
-		if (!fm_current_in_scope() || !is_inet_tcp(sk))
+		if (!fm_current_in_scope() || !fm_is_inet_tcp(sk))
 			return 0;
 		struct flow nf = { .role = TCP_ROLE_CLIENT, .states = 1 << TCP_SYN_SENT };
 
@@ -370,52 +482,51 @@ int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	}
 	case TCP_LISTEN: {
-		/* listen(): process context. */
-		if (!fm_current_in_scope() || !is_inet_tcp(sk))
+		/* listen(): task context. */
+		if (!fm_current_in_scope() || !fm_is_inet_tcp(sk))
 			return 0;
-		struct listener_key lk = { .netns = sk_netns(sk),
-					   .port = BPF_CORE_READ(sk, __sk_common.skc_num) };
 		struct fm_task owner = {};
 
 		fm_current_task(&owner);
-		if (bpf_map_update_elem(&listeners, &lk, &owner, BPF_ANY))
-			fm_count(TCP_CTR_LISTENER_FULL);
+		if (bpf_map_update_elem(&listeners, &key, &owner, BPF_ANY))
+			fm_count(TCP_CTR_LISTENER_LOST);
 		return 0;
 	}
-	case TCP_ESTABLISHED: {
-		if (oldstate != TCP_SYN_RECV)
+	case TCP_SYN_RECV: {
+		/* A connection's socket, being cloned from its listener:
+		 * softirq context, the owner is the listener's. */
+		if (oldstate != TCP_LISTEN || !fm_is_inet_tcp(sk))
 			return 0;
-		/* Accepted: softirq context, the owner is the listener's. */
-		__u32 netns = sk_netns(sk);
-		struct listener_key lk = { .netns = netns,
-					   .port = BPF_CORE_READ(sk, __sk_common.skc_num) };
-		struct fm_task *owner = bpf_map_lookup_elem(&listeners, &lk);
+		struct fm_task *owner = listener_of(sk);
 
-		if (!owner || !is_inet_tcp(sk))
+		if (!owner)
 			return 0;
 		struct flow nf = { .task = *owner, .role = TCP_ROLE_SERVER,
 				   .states = 1 << TCP_SYN_RECV };
 
 		flow_insert(key, &nf);
-		f = bpf_map_lookup_elem(&flows, &key);
-		if (f)
-			established(sk, f, netns, bpf_ktime_get_ns());
 		return 0;
 	}
 	case TCP_CLOSE:
 		if (oldstate == TCP_LISTEN) {
-			struct listener_key lk = { .netns = sk_netns(sk),
-						   .port = BPF_CORE_READ(sk, __sk_common.skc_num) };
+			__u64 cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
 
-			bpf_map_delete_elem(&listeners, &lk);
+			bpf_map_delete_elem(&listeners, &key);
+			if (cookie)
+				bpf_map_delete_elem(&seeded_listeners, &cookie);
 		}
 		return 0;
 	}
 	return 0;
 }
 
-SEC("raw_tracepoint/tcp_destroy_sock")
-int on_destroy_sock(struct bpf_raw_tracepoint_args *ctx)
+FM_TWICE("inet_sock_set_state", on_set_state, set_state)
+
+/* tcp_destroy_sock: the flow's last record, and its entry freed. Twice
+ * (FM_TWICE): a skipped hit would lose the close and leave the entry of a
+ * freed socket, which a new socket at the same address would then find.
+ * The second run finds no entry. */
+static __always_inline int destroy_sock(struct bpf_raw_tracepoint_args *ctx)
 {
 	const struct sock *sk = (const void *)ctx->args[0];
 	__u64 key = (__u64)sk;
@@ -431,6 +542,8 @@ int on_destroy_sock(struct bpf_raw_tracepoint_args *ctx)
 	flow_done(key);
 	return 0;
 }
+
+FM_TWICE("tcp_destroy_sock", on_destroy_sock, destroy_sock)
 
 SEC("raw_tracepoint/tcp_send_reset")
 int on_send_reset(struct bpf_raw_tracepoint_args *ctx)

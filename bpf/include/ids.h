@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Unique 64-bit IDs from a per-CPU counter, shared by the families that
- * number things (tcp flows, http spans and traces). Include it after
- * flowmill.h; each object that does gets its own "fm_ids" map.
+ * Unique 64-bit IDs from a per-CPU counter, for the families that number
+ * things (tcp flows; http's span and trace IDs are random, see http.c).
+ * Include it after flowmill.h; each object that does gets its own fm_ids.
  *
  * No atomic instruction returns a value before Linux 5.12 (atomic fetch,
  * xchg and cmpxchg came then; 5.10's verifier rejects them with "BPF_STX
@@ -30,9 +30,9 @@
  * kept apart from the next caller by its level, but a caller preempted
  * between reading and writing its count while two others took IDs at its
  * level would write back a stale count, and a later ID at that level
- * would repeat one. http's entries already drop a request whose program
- * was overtaken (scratch_begin/scratch_end); the repeat stays possible,
- * needing three threads interleaved within two instructions on one CPU.
+ * would repeat one. Its only callers are tracepoints (tcp; http takes
+ * random IDs): a uprobe caller would have to accept that repeat, which
+ * needs three threads interleaved within two instructions on one CPU.
  */
 #ifndef __FLOWMILL_IDS_H__
 #define __FLOWMILL_IDS_H__

@@ -43,6 +43,7 @@ enum bpf_map_type {
 	BPF_MAP_TYPE_CGROUP_ARRAY = 8,
 	BPF_MAP_TYPE_LRU_HASH = 9,
 	BPF_MAP_TYPE_PERCPU_HASH = 5,
+	BPF_MAP_TYPE_SOCKHASH = 18,
 	BPF_MAP_TYPE_RINGBUF = 27,
 };
 
@@ -66,6 +67,59 @@ enum {
 
 struct bpf_raw_tracepoint_args {
 	__u64 args[0];
+};
+
+/* sk_msg verdicts. */
+enum sk_action {
+	SK_DROP = 0,
+	SK_PASS = 1,
+};
+
+/* bpf_sock_ops.op values (only those used). */
+enum {
+	BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4,
+};
+
+#define __bpf_md_ptr(type, name)	\
+union {					\
+	type name;			\
+	__u64 :64;			\
+} __attribute__((aligned(8)))
+
+struct bpf_sock;
+
+/* Program contexts: their layout is UAPI (the kernel rewrites accesses by
+ * these offsets), so they are not relocated and end where our use ends.
+ * Ports: local_port in host byte order; remote_port in network byte order
+ * in the high 16 bits of the word on little-endian machines (so
+ * bpf_ntohl(remote_port) is the port). */
+struct sk_msg_md {
+	__bpf_md_ptr(void *, data);
+	__bpf_md_ptr(void *, data_end);
+	__u32 family;
+	__u32 remote_ip4;
+	__u32 local_ip4;
+	__u32 remote_ip6[4];
+	__u32 local_ip6[4];
+	__u32 remote_port;
+	__u32 local_port;
+	__u32 size; /* total size of the message */
+};
+
+struct bpf_sock_ops {
+	__u32 op;
+	union {
+		__u32 args[4];
+		__u32 reply;
+		__u32 replylong[4];
+	};
+	__u32 family;
+	__u32 remote_ip4;
+	__u32 local_ip4;
+	__u32 remote_ip6[4];
+	__u32 local_ip6[4];
+	__u32 remote_port;
+	__u32 local_port;
 };
 
 /* x86-64 user registers as the kernel saves them (uprobe context). */
@@ -108,6 +162,10 @@ typedef struct {
 	struct net *net;
 } possible_net_t;
 
+typedef struct {
+	s64 counter;
+} atomic64_t;
+
 struct in6_addr {
 	union {
 		__u8 u6_addr8[16];
@@ -126,6 +184,7 @@ struct sock_common {
 	possible_net_t skc_net;
 	struct in6_addr skc_v6_daddr;
 	struct in6_addr skc_v6_rcv_saddr;
+	atomic64_t skc_cookie; /* 0 until someone asks for it */
 	unsigned long skc_flags;
 };
 
@@ -143,6 +202,11 @@ struct minmax {
 	struct minmax_sample s[3];
 };
 
+struct list_head {
+	struct list_head *next;
+	struct list_head *prev;
+};
+
 struct tcp_sock {
 	u64 bytes_received;
 	u64 bytes_acked;
@@ -154,6 +218,7 @@ struct tcp_sock {
 	struct minmax rtt_min;
 	u32 snd_una;
 	u32 write_seq;
+	struct list_head tsorted_sent_queue; /* empty on a listener */
 };
 
 struct mm_struct {
@@ -173,7 +238,26 @@ struct signal_struct {
 	atomic_t live; /* threads of the group that have not yet exited */
 };
 
+struct file {
+	void *private_data;
+};
+
+struct fdtable {
+	unsigned int max_fds;
+	struct file **fd;
+};
+
+struct files_struct {
+	struct fdtable *fdt;
+};
+
+struct socket {
+	struct file *file;
+	struct sock *sk;
+};
+
 struct task_struct {
+	struct files_struct *files;
 	pid_t pid;
 	pid_t tgid;
 	struct task_struct *real_parent;

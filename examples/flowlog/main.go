@@ -41,7 +41,7 @@ func main() {
 	closed, _ := flowmill.Subscribe[tcp.ConnClosed](s)
 
 	out := json.NewEncoder(os.Stdout)
-	print := func(kind string, t time.Time, c tcp.Conn, st tcp.Stats, d time.Duration) {
+	print := func(kind string, t time.Time, c tcp.Conn, st tcp.Counters, d time.Duration) {
 		if !*asJSON {
 			fmt.Printf("%s %-5s %d/%s %s %s -> %s sent=%d recv=%d segs=%d/%d retrans=%d rtt=%v dur=%v\n",
 				t.Format(time.RFC3339Nano), kind, c.PID, c.Comm, c.Role, c.Local, c.Remote,
@@ -59,11 +59,11 @@ func main() {
 	for {
 		select {
 		case e := <-opened.Events():
-			print("open", e.Time, e.Conn, tcp.Stats{}, 0)
+			print("open", e.Time, e.Conn, tcp.Counters{}, 0)
 		case e := <-stats.Events():
-			print("stats", e.Time, e.Conn, e.Stats, e.Duration)
+			print("stats", e.Time, e.Conn, e.Counters, e.Duration)
 		case e := <-closed.Events():
-			print("close", e.Time, e.Conn, e.Stats, e.Duration)
+			print("close", e.Time, e.Conn, e.Counters, e.Duration)
 		case <-ctx.Done():
 			if st, err := s.Stats(); err == nil && st.EventsLost+st.Evicted+st.Dropped > 0 {
 				fmt.Fprintf(os.Stderr, "lost events: %d in the kernel, %d flows evicted, %d dropped\n", st.EventsLost, st.Evicted, st.Dropped)

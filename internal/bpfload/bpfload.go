@@ -19,7 +19,7 @@ import (
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 // Linux capability numbers (include/uapi/linux/capability.h).
@@ -39,20 +39,20 @@ const MinKernel = "5.10"
 func Check() error {
 	eff, err := effectiveCaps()
 	if err != nil {
-		return fmt.Errorf("%w: cannot read capabilities: %v", probes.ErrPermission, err)
+		return fmt.Errorf("%w: cannot read capabilities: %v", probe.ErrPermission, err)
 	}
 	if !canLoad(eff) {
-		return fmt.Errorf("%w: this process (euid %d) has neither CAP_SYS_ADMIN nor CAP_BPF with CAP_PERFMON; run it as root or grant them, e.g. setcap cap_bpf,cap_perfmon,cap_net_admin+ep on the binary", probes.ErrPermission, os.Geteuid())
+		return fmt.Errorf("%w: this process (euid %d) has neither CAP_SYS_ADMIN nor CAP_BPF with CAP_PERFMON; run it as root or grant them, e.g. setcap cap_bpf,cap_perfmon,cap_net_admin+ep on the binary", probe.ErrPermission, os.Geteuid())
 	}
 	if _, err := os.Stat("/sys/kernel/btf/vmlinux"); err != nil {
-		return fmt.Errorf("%w: /sys/kernel/btf/vmlinux: %v; use a kernel built with CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 5.8 are)", probes.ErrNoBTF, err)
+		return fmt.Errorf("%w: /sys/kernel/btf/vmlinux: %v; use a kernel built with CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 5.8 are)", probe.ErrNoBTF, err)
 	}
 	if err := rlimit.RemoveMemlock(); err != nil {
-		return fmt.Errorf("%w: raising RLIMIT_MEMLOCK: %v", probes.ErrPermission, err)
+		return fmt.Errorf("%w: raising RLIMIT_MEMLOCK: %v", probe.ErrPermission, err)
 	}
 	if err := features.HaveMapType(ebpf.RingBuf); err != nil {
 		if errors.Is(err, ebpf.ErrNotSupported) {
-			return fmt.Errorf("%w: BPF ring buffers (Linux 5.8 or later): %w", probes.ErrNotSupported, err)
+			return fmt.Errorf("%w: BPF ring buffers (Linux 5.8 or later): %w", probe.ErrNotSupported, err)
 		}
 		return fmt.Errorf("probing for BPF ring buffer support: %w", err)
 	}
@@ -84,7 +84,7 @@ func effectiveCaps() (uint64, error) {
 // Configure applies the session environment to a family's spec: scope
 // constants, ring buffer size and wake-up threshold. The spec must include
 // bpf/include/flowmill.h.
-func Configure(spec *ebpf.CollectionSpec, env *probes.Env) error {
+func Configure(spec *ebpf.CollectionSpec, env *probe.Env) error {
 	set := func(name string, v any) error {
 		vs, ok := spec.Variables[name]
 		if !ok {
@@ -110,11 +110,17 @@ func Configure(spec *ebpf.CollectionSpec, env *probes.Env) error {
 // Load loads spec into objs (see ebpf.CollectionSpec.LoadAndAssign) and, for
 // a cgroup scope, stores the cgroup in the scope_cgroup map. Errors are
 // translated into the probes sentinels where the cause is known.
-func Load(spec *ebpf.CollectionSpec, env *probes.Env, objs any, scopeCgroup func() *ebpf.Map) error {
-	if err := spec.LoadAndAssign(objs, nil); err != nil {
+func Load(spec *ebpf.CollectionSpec, env *probe.Env, objs any, scopeCgroup func() *ebpf.Map) error {
+	return LoadWith(spec, env, objs, nil, scopeCgroup)
+}
+
+// LoadWith is Load with collection options (MapReplacements, to share
+// maps with an object loaded before).
+func LoadWith(spec *ebpf.CollectionSpec, env *probe.Env, objs any, opts *ebpf.CollectionOptions, scopeCgroup func() *ebpf.Map) error {
+	if err := spec.LoadAndAssign(objs, opts); err != nil {
 		return Explain(err)
 	}
-	if env.Scope.Kind == probes.ScopeCgroup {
+	if env.Scope.Kind == probe.ScopeCgroup {
 		fd, err := unix.Open(env.Scope.CgroupPath, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			return fmt.Errorf("opening cgroup %q for the session scope: %w (give a cgroup v2 directory such as /sys/fs/cgroup/system.slice/x.service)", env.Scope.CgroupPath, err)
@@ -160,17 +166,17 @@ func explain(err error, privileged bool, release string) error {
 			prog = "program " + m[1]
 		}
 		return &explained{
-			msg:  fmt.Sprintf("%v: the kernel's verifier rejected %s (this kernel is %s; %s): %-*v", probes.ErrNotSupported, prog, release, needs(release), verifierLines, ve),
-			errs: []error{probes.ErrNotSupported, err},
+			msg:  fmt.Sprintf("%v: the kernel's verifier rejected %s (this kernel is %s; %s): %-*v", probe.ErrNotSupported, prog, release, needs(release), verifierLines, ve),
+			errs: []error{probe.ErrNotSupported, err},
 		}
 	case errors.Is(err, ebpf.ErrNotSupported):
-		return fmt.Errorf("%w: %w", probes.ErrNotSupported, err)
+		return fmt.Errorf("%w: %w", probe.ErrNotSupported, err)
 	case (errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES)) && !privileged:
-		return fmt.Errorf("%w: loading eBPF objects: %w; run as root or with CAP_BPF and CAP_PERFMON", probes.ErrPermission, err)
+		return fmt.Errorf("%w: loading eBPF objects: %w; run as root or with CAP_BPF and CAP_PERFMON", probe.ErrPermission, err)
 	case errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES):
 		// Not for want of capabilities (the process has them) nor a
 		// verifier rejection (no log): a policy above them.
-		return fmt.Errorf("%w: loading eBPF objects: %w; the process has CAP_BPF or CAP_SYS_ADMIN, so a security policy refused it (kernel lockdown, an LSM such as SELinux or AppArmor, a seccomp filter, or kernel.unprivileged_bpf_disabled in a container)", probes.ErrPermission, err)
+		return fmt.Errorf("%w: loading eBPF objects: %w; the process has CAP_BPF or CAP_SYS_ADMIN, so a security policy refused it (kernel lockdown, an LSM such as SELinux or AppArmor, a seccomp filter, or kernel.unprivileged_bpf_disabled in a container)", probe.ErrPermission, err)
 	}
 	return err
 }
@@ -215,7 +221,7 @@ type RawTracepoint struct {
 
 // AttachRawTracepoints attaches each program; on failure it detaches the
 // ones already attached. A tracepoint the kernel lacks yields an error
-// wrapping probes.ErrMissingHook.
+// wrapping probe.ErrMissingHook.
 func AttachRawTracepoints(tps ...RawTracepoint) ([]link.Link, error) {
 	var links []link.Link
 	for _, tp := range tps {
@@ -234,7 +240,7 @@ func AttachRawTracepoints(tps ...RawTracepoint) ([]link.Link, error) {
 func explainAttach(tp RawTracepoint, err error, release string) error {
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		return fmt.Errorf("%w: raw tracepoint %q is not in this kernel (%s); flowmill needs Linux %s or later with it: %w", probes.ErrMissingHook, tp.Name, release, MinKernel, err)
+		return fmt.Errorf("%w: raw tracepoint %q is not in this kernel (%s); flowmill needs Linux %s or later with it: %w", probe.ErrMissingHook, tp.Name, release, MinKernel, err)
 	case errors.Is(err, unix.EINVAL):
 		// The kernel checks at attach time that the program reads no
 		// more arguments than the tracepoint has (and that the
@@ -245,7 +251,7 @@ func explainAttach(tp RawTracepoint, err error, release string) error {
 				name = "program " + info.Name
 			}
 		}
-		return fmt.Errorf("%w: raw tracepoint %q of this kernel (%s) is incompatible with %s: it has fewer arguments than the program reads, or other ones (%s): %w", probes.ErrMissingHook, tp.Name, release, name, needs(release), err)
+		return fmt.Errorf("%w: raw tracepoint %q of this kernel (%s) is incompatible with %s: it has fewer arguments than the program reads, or other ones (%s): %w", probe.ErrMissingHook, tp.Name, release, name, needs(release), err)
 	}
 	return fmt.Errorf("attaching raw tracepoint %q: %w", tp.Name, Explain(err))
 }
@@ -284,34 +290,180 @@ func kernelRelease() string {
 	return "Linux " + unix.ByteSliceToString(u.Release[:])
 }
 
-// CountKeys counts the entries of a hash map with 8-byte keys, one syscall
-// per entry. Entries come and go during the walk.
+// batchSize is how many entries a batch lookup asks for at first. A hash
+// map answers ENOSPC when a bucket holds more entries than asked for, and
+// the size is doubled for the rest of the walk.
+const batchSize = 1024
+
+// CountKeys counts the entries of a hash map. It reads them in batches
+// (BPF_MAP_LOOKUP_BATCH: a few system calls for the whole map) and falls
+// back to walking the keys, one system call per entry, where the kernel
+// has no batch lookups for the map's type. Entries that come and go during
+// the count may or may not be counted.
 func CountKeys(m *ebpf.Map) (int64, error) {
-	var key, next uint64
-	var n int64
-	err := m.NextKey(nil, &next)
-	for err == nil {
-		n++
-		key = next
-		err = m.NextKey(&key, &next)
+	return countKeys(m, countBatched)
+}
+
+func countKeys(m *ebpf.Map, batched func(*ebpf.Map) (int64, error)) (int64, error) {
+	n, err := batched(m)
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		n, err = countIterated(m)
 	}
-	if !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err != nil {
 		return n, fmt.Errorf("counting the entries of %v: %w", m, err)
 	}
 	return n, nil
 }
 
+// countBatched counts with batch lookups into buffers of the map's key and
+// value sizes (the values are read too: the kernel copies them out).
+func countBatched(m *ebpf.Map) (int64, error) {
+	if perCPU(m.Type()) {
+		return 0, fmt.Errorf("per-CPU values: %w", ebpf.ErrNotSupported)
+	}
+	var n int64
+	err := walk(m, func(size int) (keys, values any) {
+		return byteArrays(m.KeySize(), size), byteArrays(m.ValueSize(), size)
+	}, func(count int) error {
+		n += int64(count)
+		return nil
+	})
+	return n, err
+}
+
+// countIterated counts by walking the keys, one system call per entry.
+func countIterated(m *ebpf.Map) (int64, error) {
+	key := make([]byte, m.KeySize())
+	next := make([]byte, m.KeySize())
+	var n int64
+	err := m.NextKey(nil, next)
+	for err == nil {
+		n++
+		key, next = next, key
+		err = m.NextKey(key, next)
+	}
+	if !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return n, err
+	}
+	return n, nil
+}
+
+// Walk reads every entry of a hash map in batches: fn gets each batch, the
+// keys and values read, and returns an error to stop the walk. Batches are
+// read with BPF_MAP_LOOKUP_BATCH, a system call each; where the kernel has
+// no batch lookups for the map's type, they are filled one entry at a time
+// (ebpf.Map.Iterate). K and V are the map's key and value types; per-CPU
+// maps are not supported. Entries that come and go during the walk may or
+// may not be seen; the slices are reused between calls of fn.
+func Walk[K, V any](m *ebpf.Map, fn func(keys []K, values []V) error) error {
+	return walkWith(m, walk, fn)
+}
+
+func walkWith[K, V any](m *ebpf.Map, batched func(*ebpf.Map, func(int) (any, any), func(int) error) error, fn func(keys []K, values []V) error) error {
+	if perCPU(m.Type()) {
+		return fmt.Errorf("walking %v: per-CPU values: %w", m, ebpf.ErrNotSupported)
+	}
+	var keys []K
+	var values []V
+	err := batched(m, func(size int) (any, any) {
+		keys, values = make([]K, size), make([]V, size)
+		return keys, values
+	}, func(count int) error {
+		return fn(keys[:count], values[:count])
+	})
+	if !errors.Is(err, ebpf.ErrNotSupported) {
+		if err != nil {
+			return fmt.Errorf("walking %v: %w", m, err)
+		}
+		return nil
+	}
+	if keys == nil {
+		keys, values = make([]K, batchSize), make([]V, batchSize)
+	}
+	n := 0
+	it := m.Iterate()
+	for it.Next(&keys[n], &values[n]) {
+		if n++; n == len(keys) {
+			if err := fn(keys, values); err != nil {
+				return err
+			}
+			n = 0
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("walking %v: %w", m, err)
+	}
+	if n > 0 {
+		return fn(keys[:n], values[:n])
+	}
+	return nil
+}
+
+// walk reads m with batch lookups into the buffers alloc makes for size
+// entries, calling got with the number of entries of each batch. It fails
+// with an error wrapping ebpf.ErrNotSupported, before got is called, when
+// the kernel has no batch lookups for the map.
+func walk(m *ebpf.Map, alloc func(size int) (keys, values any), got func(count int) error) error {
+	size := min(batchSize, max(int(m.MaxEntries()), 1))
+	keys, values := alloc(size)
+	var cursor ebpf.MapBatchCursor
+	for started := false; ; started = true {
+		n, err := m.BatchLookup(&cursor, keys, values, nil)
+		if started && errors.Is(err, ebpf.ErrNotSupported) {
+			// Not a missing feature (the first batch worked): do
+			// not let the caller start over another way.
+			return fmt.Errorf("batch lookup: %v", err)
+		}
+		if errors.Is(err, unix.ENOSPC) && n == 0 && size < int(m.MaxEntries()) {
+			// A bucket holds more entries than a batch: the
+			// cursor still points at it.
+			size = min(2*size, int(m.MaxEntries()))
+			keys, values = alloc(size)
+			continue
+		}
+		done := errors.Is(err, ebpf.ErrKeyNotExist)
+		if err != nil && !done {
+			return err
+		}
+		if n > 0 {
+			if err := got(n); err != nil {
+				return err
+			}
+		}
+		if done {
+			return nil
+		}
+	}
+}
+
+// byteArrays returns a slice of n arrays of size bytes, the layout batch
+// lookups write into.
+func byteArrays(size uint32, n int) any {
+	return reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(int(size), reflect.TypeFor[byte]())), n, n).Interface()
+}
+
+func perCPU(t ebpf.MapType) bool {
+	switch t {
+	case ebpf.PerCPUHash, ebpf.PerCPUArray, ebpf.LRUCPUHash, ebpf.PerCPUCGroupStorage:
+		return true
+	}
+	return false
+}
+
 // EvictionFloor is the number of live entries below which an LRU hash map
 // of maxEntries cannot have evicted: the kernel's LRU evicts once its free
-// nodes run out, and each possible CPU may hold a batch of them
-// (LOCAL_FREE_TARGET, 128) in reserve; twice that, to be safe. Walking the
-// map (CountKeys) to infer evictions is only worth it above the floor.
+// nodes run out, each possible CPU may hold a batch of them
+// (LOCAL_FREE_TARGET, 128) in reserve, and a CPU that finds none evicts up
+// to a batch at once to refill its own; twice a batch per CPU, to be safe.
+// A map smaller than that can evict with any number of live entries (seen:
+// a 64-entry map on 2 CPUs evicting with 17 live): its floor is 0. Walking
+// the map (CountKeys) to infer evictions is only worth it above the floor.
 func EvictionFloor(maxEntries uint32) (int64, error) {
 	cpus, err := ebpf.PossibleCPU()
 	if err != nil {
 		return 0, err
 	}
-	return int64(maxEntries) - min(int64(maxEntries)/2, 2*128*int64(cpus)), nil
+	return int64(maxEntries) - min(int64(maxEntries), 2*128*int64(cpus)), nil
 }
 
 // Missed returns how many times the kernel skipped one of the programs in

@@ -11,8 +11,8 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
 
+	"github.com/flowmill/flowmill/internal/probe"
 	"github.com/flowmill/flowmill/internal/testutil"
-	"github.com/flowmill/flowmill/probes"
 )
 
 // verifierLog is the end of a real verifier log (Linux 6.1 rejecting
@@ -50,7 +50,7 @@ func TestExplain(t *testing.T) {
 	}{
 		{
 			name: "verifier EACCES, root", err: rejected(unix.EACCES), privileged: true, release: "Linux 6.1.0-57-amd64",
-			is: probes.ErrNotSupported,
+			is: probe.ErrNotSupported,
 			has: []string{
 				"the kernel's verifier rejected program client_enter",
 				"this kernel is Linux 6.1.0-57-amd64",
@@ -63,39 +63,39 @@ func TestExplain(t *testing.T) {
 		},
 		{
 			name: "verifier EINVAL", err: rejected(unix.EINVAL), privileged: true, release: "Linux 6.12.118+deb13-amd64",
-			is: probes.ErrNotSupported, has: []string{"verifier rejected program client_enter", "R2 min value"},
+			is: probe.ErrNotSupported, has: []string{"verifier rejected program client_enter", "R2 min value"},
 		},
 		{
 			// A rejection is one whatever the capabilities say: an
 			// unprivileged load is refused before any verifier runs.
 			name: "verifier without capabilities", err: rejected(unix.EPERM), privileged: false, release: "Linux 6.1.0",
-			is: probes.ErrNotSupported, hasnt: []string{"run as root"},
+			is: probe.ErrNotSupported, hasnt: []string{"run as root"},
 		},
 		{
 			name: "verifier on an old kernel", err: rejected(unix.EINVAL), privileged: true, release: "Linux 5.4.0-150-generic",
-			is: probes.ErrNotSupported, has: []string{"this kernel is Linux 5.4.0-150-generic", "flowmill needs Linux 5.10 or later"},
+			is: probe.ErrNotSupported, has: []string{"this kernel is Linux 5.4.0-150-generic", "flowmill needs Linux 5.10 or later"},
 			hasnt: []string{"flowmill bug"},
 		},
 		{
 			name: "no program name", err: &ebpf.VerifierError{Cause: unix.EACCES, Log: verifierLog()}, privileged: true, release: "Linux 6.1.0",
-			is: probes.ErrNotSupported, has: []string{"rejected a flowmill program"},
+			is: probe.ErrNotSupported, has: []string{"rejected a flowmill program"},
 		},
 		{
 			name: "EPERM without capabilities", err: loadErr(unix.EPERM), privileged: false, release: "Linux 6.1.0",
-			is: probes.ErrPermission, has: []string{"run as root or with CAP_BPF and CAP_PERFMON"},
+			is: probe.ErrPermission, has: []string{"run as root or with CAP_BPF and CAP_PERFMON"},
 		},
 		{
 			name: "EACCES without capabilities", err: loadErr(unix.EACCES), privileged: false, release: "Linux 6.1.0",
-			is: probes.ErrPermission, has: []string{"run as root"},
+			is: probe.ErrPermission, has: []string{"run as root"},
 		},
 		{
 			name: "EPERM with capabilities", err: loadErr(unix.EPERM), privileged: true, release: "Linux 6.1.0",
-			is: probes.ErrPermission, has: []string{"the process has CAP_BPF or CAP_SYS_ADMIN", "security policy"},
+			is: probe.ErrPermission, has: []string{"the process has CAP_BPF or CAP_SYS_ADMIN", "security policy"},
 			hasnt: []string{"run as root"},
 		},
 		{
 			name: "not supported", err: fmt.Errorf("map events: %w", ebpf.ErrNotSupported), privileged: true, release: "Linux 5.4.0",
-			is: probes.ErrNotSupported,
+			is: probe.ErrNotSupported,
 		},
 		{
 			name: "other", err: other, privileged: true, release: "Linux 6.1.0",
@@ -108,7 +108,7 @@ func TestExplain(t *testing.T) {
 			if c.is != nil && !errors.Is(got, c.is) {
 				t.Errorf("%q does not wrap %q", msg, c.is)
 			}
-			for _, s := range []error{probes.ErrPermission, probes.ErrNotSupported} {
+			for _, s := range []error{probe.ErrPermission, probe.ErrNotSupported} {
 				if s != c.is && errors.Is(got, s) {
 					t.Errorf("%q wraps %q too", msg, s)
 				}
@@ -148,11 +148,11 @@ func TestExplainAttach(t *testing.T) {
 		is   error
 		has  []string
 	}{
-		{"missing", fmt.Errorf("raw tracepoint: %w", os.ErrNotExist), probes.ErrMissingHook,
+		{"missing", fmt.Errorf("raw tracepoint: %w", os.ErrNotExist), probe.ErrMissingHook,
 			[]string{`raw tracepoint "sched_process_exit" is not in this kernel (Linux 6.1.0)`, "Linux 5.10 or later"}},
-		{"EINVAL", fmt.Errorf("raw tracepoint: %w", unix.EINVAL), probes.ErrMissingHook,
+		{"EINVAL", fmt.Errorf("raw tracepoint: %w", unix.EINVAL), probe.ErrMissingHook,
 			[]string{`raw tracepoint "sched_process_exit" of this kernel (Linux 6.1.0) is incompatible with its program`, "fewer arguments", "flowmill bug"}},
-		{"EPERM", fmt.Errorf("raw tracepoint: %w", unix.EPERM), probes.ErrPermission,
+		{"EPERM", fmt.Errorf("raw tracepoint: %w", unix.EPERM), probe.ErrPermission,
 			[]string{`attaching raw tracepoint "sched_process_exit"`}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
@@ -208,7 +208,7 @@ func TestExplainRealVerifierError(t *testing.T) {
 		t.Fatal("the verifier accepted a program reading an uninitialised register")
 	}
 	got := Explain(fmt.Errorf("program bad_prog: %w", err))
-	if !errors.Is(got, probes.ErrNotSupported) || errors.Is(got, probes.ErrPermission) {
+	if !errors.Is(got, probe.ErrNotSupported) || errors.Is(got, probe.ErrPermission) {
 		t.Errorf("%q: want ErrNotSupported, not ErrPermission", got)
 	}
 	// The verifier's own words differ between releases ("R2 !read_ok";
@@ -242,7 +242,7 @@ func TestAttachIncompatibleTracepoint(t *testing.T) {
 		CloseLinks(links)
 		t.Fatal("the kernel attached a program reading argument 7 of sched_process_exit")
 	}
-	if !errors.Is(err, probes.ErrMissingHook) || !errors.Is(err, unix.EINVAL) {
+	if !errors.Is(err, probe.ErrMissingHook) || !errors.Is(err, unix.EINVAL) {
 		t.Errorf("%q: want ErrMissingHook wrapping EINVAL", err)
 	}
 	for _, s := range []string{`raw tracepoint "sched_process_exit"`, "incompatible with program reads_args_7"} {

@@ -19,10 +19,12 @@ import (
 // TCP states (include/net/tcp_states.h), as reported in Socket.State.
 const (
 	StateEstablished = 1
+	StateFinWait1    = 4
 	StateFinWait2    = 5
 	StateTimeWait    = 6
 	StateCloseWait   = 8
 	StateLastAck     = 9
+	StateListen      = 10
 	StateClosing     = 11
 )
 
@@ -30,9 +32,21 @@ const (
 type Socket struct {
 	Local, Remote netip.AddrPort // IPv4-mapped addresses are unmapped
 	State         uint8
+	// Cookie is the socket's cookie, the kernel's unique identifier of
+	// it (SO_COOKIE, bpf_get_socket_cookie); asking for it makes the
+	// kernel assign one.
+	Cookie uint64
+	// Inode is the inode number of the socket's file (socket:[N] in
+	// /proc/PID/fd), 0 for sockets no file refers to.
+	Inode uint32
 	// Info is the socket's tcp_info; nil for sockets that have none
-	// (TIME_WAIT, request sockets).
+	// (TIME_WAIT, request and listening sockets, and those of
+	// DumpListening).
 	Info *unix.TCPInfo
+	// InfoLen is how many bytes of tcp_info the kernel sent: fields past
+	// it are zero because the kernel does not have them, not because
+	// they are.
+	InfoLen int
 }
 
 // UAPI layouts (include/uapi/linux/inet_diag.h).
@@ -79,14 +93,25 @@ var ErrNotFound = errors.New("sockdiag: no such socket")
 func Dump(fn func(*Socket)) error { return DumpIn("", fn) }
 
 // DumpIn is Dump in the network namespace at netns (a path such as
-// /proc/PID/ns/net); "" is the calling thread's.
+// /proc/PID/ns/net); "" is the calling thread's. Entering another
+// namespace needs CAP_SYS_ADMIN.
 func DumpIn(netns string, fn func(*Socket)) error {
+	return dump(netns, allStates, 1<<(inetDiagInfo-1), fn)
+}
+
+// DumpListening calls fn for every listening TCP socket (IPv4 and IPv6)
+// in the network namespace at netns, as DumpIn does, without tcp_info.
+func DumpListening(netns string, fn func(*Socket)) error {
+	return dump(netns, 1<<StateListen, 0, fn)
+}
+
+func dump(netns string, states uint32, ext uint8, fn func(*Socket)) error {
 	for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
 		fd, err := socketIn(netns)
 		if err != nil {
 			return err
 		}
-		req := reqV2{Family: fam, Protocol: unix.IPPROTO_TCP, Ext: 1 << (inetDiagInfo - 1), States: allStates}
+		req := reqV2{Family: fam, Protocol: unix.IPPROTO_TCP, Ext: ext, States: states}
 		err = query(fd, &req, unix.NLM_F_DUMP, fn)
 		unix.Close(fd)
 		if err != nil {
@@ -268,9 +293,12 @@ func parse(data []byte, s *Socket, info *unix.TCPInfo) bool {
 	var m diagMsg
 	copy(unsafe.Slice((*byte)(unsafe.Pointer(&m)), msgSize), data)
 	s.State = m.State
+	s.Cookie = uint64(m.ID.Cookie[0]) | uint64(m.ID.Cookie[1])<<32
+	s.Inode = m.Inode
 	s.Local = addrPort(m.Family, &m.ID.Src, m.ID.Sport)
 	s.Remote = addrPort(m.Family, &m.ID.Dst, m.ID.Dport)
 	s.Info = nil
+	s.InfoLen = 0
 	for a := data[msgSize:]; len(a) >= unix.SizeofRtAttr; {
 		l := int(binary.NativeEndian.Uint16(a[0:2]))
 		typ := binary.NativeEndian.Uint16(a[2:4])
@@ -281,6 +309,7 @@ func parse(data []byte, s *Socket, info *unix.TCPInfo) bool {
 			*info = unix.TCPInfo{}
 			copy(unsafe.Slice((*byte)(unsafe.Pointer(info)), unsafe.Sizeof(*info)), a[unix.SizeofRtAttr:l])
 			s.Info = info
+			s.InfoLen = min(l-unix.SizeofRtAttr, int(unsafe.Sizeof(*info)))
 		}
 		a = a[min((l+3)&^3, len(a)):]
 	}

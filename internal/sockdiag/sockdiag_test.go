@@ -118,3 +118,45 @@ func TestGetDualStack(t *testing.T) {
 		t.Errorf("got %+v", s)
 	}
 }
+
+// DumpListening lists listening sockets with their cookie (as SO_COOKIE
+// says) and the inode of their file, also for an MPTCP listener (Go's
+// default where the kernel has MPTCP), whose listening TCP socket is not
+// the one its file descriptor refers to but has its inode.
+func TestDumpListening(t *testing.T) {
+	for _, mptcp := range []bool{false, true} {
+		lc := net.ListenConfig{}
+		lc.SetMultipathTCP(mptcp)
+		ln, err := lc.Listen(t.Context(), "tcp4", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		addr := ln.Addr().(*net.TCPAddr).AddrPort()
+		raw, _ := ln.(*net.TCPListener).SyscallConn()
+		var cookie uint64
+		var st unix.Stat_t
+		raw.Control(func(fd uintptr) {
+			if err := unix.Fstat(int(fd), &st); err != nil {
+				t.Fatal(err)
+			}
+			if !mptcp {
+				if cookie, err = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
+		var got []Socket
+		if err := DumpListening("", func(s *Socket) {
+			if s.Local == addr {
+				got = append(got, *s)
+			}
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != 1 || got[0].State != StateListen || got[0].Inode != uint32(st.Ino) || got[0].Cookie == 0 || got[0].Info != nil ||
+			(!mptcp && got[0].Cookie != cookie) {
+			t.Errorf("MPTCP %v: listening on %v (inode %d, cookie %d): DumpListening listed %+v", mptcp, addr, st.Ino, cookie, got)
+		}
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 )
 
@@ -18,6 +19,11 @@ import (
 type Program struct {
 	Pkg   string // import path
 	Flags []string
+	// Module: the package is the root of a module of its own (under
+	// testdata, with its own go.mod and go.sum, so that what it requires
+	// stays out of flowmill's go.mod), built in its directory without the
+	// workspace.
+	Module bool
 }
 
 const mod = "github.com/flowmill/flowmill/"
@@ -26,13 +32,27 @@ const mod = "github.com/flowmill/flowmill/"
 var (
 	HTTPServer         = Program{Pkg: mod + "probes/http/testdata/server"}
 	HTTPServerStripped = Program{Pkg: mod + "probes/http/testdata/server", Flags: []string{"-ldflags=-s -w"}}
+	HTTPServerPIE      = Program{Pkg: mod + "probes/http/testdata/server", Flags: []string{"-buildmode=pie"}}
 	SysLoop            = Program{Pkg: mod + "probes/syscalls/testdata/sysloop"}
-	Autoinst           = Program{Pkg: mod + "examples/autoinst"}
-	Execlog            = Program{Pkg: mod + "examples/execlog"}
-	OTLP               = Program{Pkg: mod + "examples/otlp"}
-	Prometheus         = Program{Pkg: mod + "examples/prometheus"}
+	TCPListener        = Program{Pkg: mod + "probes/tcp/testdata/listener"}
+	GRPCv185           = Program{Pkg: mod + "probes/grpc/testdata/v185", Module: true}
+	GRPCv185Stripped   = Program{Pkg: mod + "probes/grpc/testdata/v185", Module: true, Flags: []string{"-ldflags=-s -w"}}
 
-	All = []Program{HTTPServer, HTTPServerStripped, SysLoop, Autoinst, Execlog, OTLP, Prometheus}
+	// GRPCClientOnly is only a gRPC client: grpc-go's server is not
+	// linked (its grpc-go and -tags=grpcnotrace: see its package
+	// documentation).
+	GRPCClientOnly         = Program{Pkg: mod + "probes/grpc/testdata/clientonly", Module: true, Flags: []string{"-tags=grpcnotrace"}}
+	GRPCClientOnlyStripped = Program{Pkg: mod + "probes/grpc/testdata/clientonly", Module: true, Flags: []string{"-tags=grpcnotrace", "-ldflags=-s -w"}}
+
+	Autoinst   = Program{Pkg: mod + "examples/autoinst"}
+	Execlog    = Program{Pkg: mod + "examples/execlog"}
+	OTLP       = Program{Pkg: mod + "examples/otlp"}
+	Prometheus = Program{Pkg: mod + "examples/prometheus"}
+	// SQLApp drives database/sql with pgx and modernc.org/sqlite.
+	SQLApp         = Program{Pkg: mod + "probes/sql/testdata/sqlapp", Module: true}
+	SQLAppStripped = Program{Pkg: mod + "probes/sql/testdata/sqlapp", Module: true, Flags: []string{"-ldflags=-s -w"}}
+
+	All = []Program{HTTPServer, HTTPServerStripped, HTTPServerPIE, SysLoop, TCPListener, GRPCv185, GRPCv185Stripped, GRPCClientOnly, GRPCClientOnlyStripped, Autoinst, Execlog, OTLP, Prometheus, SQLApp, SQLAppStripped}
 )
 
 // PrebuiltEnv names the directory holding every program of All, built by
@@ -64,9 +84,23 @@ func Build(p Program, dir string) (string, error) {
 }
 
 func build(p Program, dir string) (string, error) {
-	bin := filepath.Join(dir, p.Name())
+	bin, err := filepath.Abs(filepath.Join(dir, p.Name()))
+	if err != nil {
+		return "", err
+	}
 	args := append(append([]string{"build"}, p.Flags...), "-o", bin, p.Pkg)
-	if out, err := exec.Command("go", args...).CombinedOutput(); err != nil {
+	cmd := exec.Command("go", args...)
+	if p.Module {
+		_, src, _, ok := runtime.Caller(0)
+		if !ok {
+			return "", fmt.Errorf("building %s: cannot tell where the repository is", p.Pkg)
+		}
+		root := filepath.Join(filepath.Dir(src), "..", "..")
+		cmd.Dir = filepath.Join(root, filepath.FromSlash(strings.TrimPrefix(p.Pkg, mod)))
+		cmd.Env = append(os.Environ(), "GOWORK=off")
+		cmd.Args = append(append([]string{"go", "build"}, p.Flags...), "-o", bin, ".")
+	}
+	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go %s: %w\n%s", strings.Join(args, " "), err, out)
 	}
 	return bin, nil

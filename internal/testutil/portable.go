@@ -22,13 +22,15 @@ const (
 
 // mapTypes510 are the map types the objects may use (all in Linux 5.8).
 var mapTypes510 = map[ebpf.MapType]bool{
-	ebpf.Hash:        true,
-	ebpf.Array:       true,
-	ebpf.PerCPUHash:  true,
-	ebpf.PerCPUArray: true,
-	ebpf.CGroupArray: true,
-	ebpf.LRUHash:     true,
-	ebpf.RingBuf:     true, // 5.8
+	ebpf.SockHash:     true, // 4.18
+	ebpf.Hash:         true,
+	ebpf.Array:        true,
+	ebpf.PerCPUHash:   true,
+	ebpf.PerCPUArray:  true,
+	ebpf.CGroupArray:  true,
+	ebpf.LRUHash:      true,
+	ebpf.RingBuf:      true, // 5.8
+	ebpf.ProgramArray: true, // 4.2 (bpf/include/goprobe.h: no private stack)
 }
 
 // rawTracepointArgs510 is the number of arguments (TP_PROTO) of each raw

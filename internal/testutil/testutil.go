@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flowmill/flowmill/internal/probe"
 	"github.com/flowmill/flowmill/internal/testprog"
-	"github.com/flowmill/flowmill/probes"
 )
 
 // Required reports whether privileged tests must run (FLOWMILL_REQUIRE_BPF=1,
@@ -49,7 +49,7 @@ func CheckStart(t testing.TB, err error) {
 	if err == nil {
 		return
 	}
-	for _, e := range []error{probes.ErrPermission, probes.ErrNoBTF, probes.ErrNotSupported, probes.ErrMissingHook} {
+	for _, e := range []error{probe.ErrPermission, probe.ErrNoBTF, probe.ErrNotSupported, probe.ErrMissingHook} {
 		if errors.Is(err, e) {
 			Unavailable(t, "%v", err)
 		}

@@ -53,7 +53,7 @@ func testCmd(ctx context.Context, args []string) error {
 	}
 	pkgArgs := fs.Args()
 	if len(pkgArgs) == 0 {
-		pkgArgs = []string{"./..."}
+		pkgArgs = []string{"./...", "./examples/..."}
 	}
 	// Fetch first: a missing kernel fails before anything is built.
 	prepared, err := prepareAll(ks)

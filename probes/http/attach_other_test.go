@@ -8,12 +8,12 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 func TestAttachNotSupported(t *testing.T) {
-	_, err := New().Attach(&probes.Env{})
-	if !errors.Is(err, probes.ErrNotSupported) {
+	_, err := New().Attach(&probe.Env{})
+	if !errors.Is(err, probe.ErrNotSupported) {
 		t.Fatalf("Attach on %s/%s = %v, want ErrNotSupported", runtime.GOOS, runtime.GOARCH, err)
 	}
 	if !strings.Contains(err.Error(), "linux/amd64") {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"strconv"
 	"strings"
 	"time"
 
@@ -23,9 +24,160 @@ type SpanContext struct {
 	// RemoteParent says the parent came from a traceparent header (it is
 	// another process's span).
 	RemoteParent bool
-	// Sampled is the traceparent's sampled flag (server requests with a
-	// remote parent only).
+	// Sampled is, for a server request with a remote parent, its
+	// traceparent's sampled flag; for a client request, the sampled flag
+	// it propagates: its trace's incoming one, set when flowmill started
+	// the trace.
 	Sampled bool
+}
+
+// Propagation says what became of a client request's trace context.
+type Propagation uint8
+
+// Outcomes of propagation (see PropagationStats for the counts).
+const (
+	// PropagationNone: not attempted: propagation is off, or the request
+	// failed before it was given a connection.
+	PropagationNone Propagation = iota
+	// PropagationPending: prepared, and the request had not been written
+	// when its response came (or it never was).
+	PropagationPending
+	// PropagationInjected: it carried traceparent (and tracestate).
+	PropagationInjected
+	// PropagationPresent: it had a traceparent of its own, sent as it was.
+	PropagationPresent
+	// PropagationTLS: sent over TLS, not propagated.
+	PropagationTLS
+	// PropagationHTTP2: not sent over an HTTP/1 connection (HTTP/2), not
+	// propagated.
+	PropagationHTTP2
+	// PropagationOtherConn: over a net.Conn other than *net.TCPConn, not
+	// propagated.
+	PropagationOtherConn
+	// PropagationUntracked: over a connection opened before the probe
+	// attached, not propagated.
+	PropagationUntracked
+	// PropagationHeaderTooLarge: its header block did not end within the
+	// first 4 KiB of its first write, not propagated.
+	PropagationHeaderTooLarge
+	// PropagationNotHTTP1: its first write was not an HTTP/1 request
+	// line, not propagated.
+	PropagationNotHTTP1
+	// PropagationFailed: a kernel table was full or an operation failed,
+	// sent unchanged.
+	PropagationFailed
+	// PropagationUnavailable: propagation could not be set up (see
+	// Status.PropagationErr).
+	PropagationUnavailable
+)
+
+var propagationNames = [...]string{"none", "pending", "injected", "present", "tls", "http2",
+	"other_conn", "untracked", "header_too_large", "not_http1", "failed", "unavailable"}
+
+// String returns the outcome's name: "injected", "tls", ...
+func (p Propagation) String() string {
+	if int(p) < len(propagationNames) {
+		return propagationNames[p]
+	}
+	return fmt.Sprintf("Propagation(%d)", uint8(p))
+}
+
+// MarshalText writes the name.
+func (p Propagation) MarshalText() ([]byte, error) { return []byte(p.String()), nil }
+
+// UnmarshalText reads what MarshalText writes.
+func (p *Propagation) UnmarshalText(b []byte) error {
+	for i, n := range propagationNames {
+		if n == string(b) {
+			*p = Propagation(i)
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown propagation outcome %q", b)
+}
+
+// ProtocolVersion is the HTTP version a request was exchanged with (the
+// network.protocol.version attribute): {1, 1} for HTTP/1.1, {2, 0} for
+// HTTP/2; zero when unknown (a client request that got no response).
+type ProtocolVersion struct{ Major, Minor uint8 }
+
+// String returns "1.0", "1.1", "2" (the semantic conventions' form), or ""
+// for the zero value.
+func (v ProtocolVersion) String() string {
+	switch {
+	case v.Major == 0 && v.Minor == 0:
+		return ""
+	case v.Major >= 2 && v.Minor == 0:
+		return strconv.Itoa(int(v.Major))
+	}
+	return strconv.Itoa(int(v.Major)) + "." + strconv.Itoa(int(v.Minor))
+}
+
+// MarshalText writes String.
+func (v ProtocolVersion) MarshalText() ([]byte, error) { return []byte(v.String()), nil }
+
+// UnmarshalText reads what MarshalText writes.
+func (v *ProtocolVersion) UnmarshalText(b []byte) error {
+	*v = ProtocolVersion{}
+	if len(b) == 0 {
+		return nil
+	}
+	maj, min, _ := strings.Cut(string(b), ".")
+	a, err1 := strconv.ParseUint(maj, 10, 8)
+	var c uint64
+	var err2 error
+	if min != "" {
+		c, err2 = strconv.ParseUint(min, 10, 8)
+	}
+	if err1 != nil || err2 != nil || a == 0 {
+		return fmt.Errorf("bad HTTP version %q", b)
+	}
+	*v = ProtocolVersion{uint8(a), uint8(c)}
+	return nil
+}
+
+// Scheme is a request's URL scheme (the url.scheme attribute).
+type Scheme uint8
+
+// Schemes.
+const (
+	// SchemeUnknown: not known (a client request whose URL scheme is
+	// neither http nor https, made through Transport.RegisterProtocol).
+	SchemeUnknown Scheme = iota
+	// SchemeHTTP: plain text (HTTP/1, or HTTP/2 with prior knowledge, h2c).
+	SchemeHTTP
+	// SchemeHTTPS: over TLS. A served request is https when
+	// Request.TLS is set.
+	SchemeHTTPS
+)
+
+// String returns "http", "https", or "" when unknown.
+func (s Scheme) String() string {
+	switch s {
+	case SchemeHTTP:
+		return "http"
+	case SchemeHTTPS:
+		return "https"
+	}
+	return ""
+}
+
+// MarshalText writes String.
+func (s Scheme) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// UnmarshalText reads what MarshalText writes.
+func (s *Scheme) UnmarshalText(b []byte) error {
+	switch string(b) {
+	case "":
+		*s = SchemeUnknown
+	case "http":
+		*s = SchemeHTTP
+	case "https":
+		*s = SchemeHTTPS
+	default:
+		return fmt.Errorf("unknown scheme %q", b)
+	}
+	return nil
 }
 
 // ParentLink says how a client request found its parent.
@@ -56,8 +208,9 @@ func (l ParentLink) String() string {
 	return "none"
 }
 
-// ServerRequest is an HTTP/1 request the program served, published when its
-// handler returned.
+// ServerRequest is a request the program served with net/http (HTTP/1.x
+// or HTTP/2, in plain text or over TLS), published when its handler
+// returned.
 type ServerRequest struct {
 	// Start is when the handler was called (the request line and headers
 	// had been read); End is when it returned.
@@ -74,6 +227,11 @@ type ServerRequest struct {
 	Pattern, Route string
 	// Host is the Host header (at most 64 bytes).
 	Host string
+	// ProtocolVersion is Request.ProtoMajor and ProtoMinor: 1.1, 2, ...
+	ProtocolVersion ProtocolVersion
+	// Scheme is https when the request came over TLS (Request.TLS is
+	// set), http otherwise.
+	Scheme Scheme
 	// Peer is the client's address (Request.RemoteAddr).
 	Peer netip.AddrPort
 	// StatusCode is the status sent; a handler that wrote nothing sends
@@ -82,7 +240,9 @@ type ServerRequest struct {
 	// RequestBodySize is the declared Content-Length, -1 when unknown
 	// (chunked).
 	RequestBodySize int64
-	// ResponseBodySize is the number of body bytes the handler wrote.
+	// ResponseBodySize is the number of body bytes the handler wrote
+	// through the ResponseWriter; what it wrote on a connection it
+	// hijacked is not counted.
 	ResponseBodySize int64
 	// Hijacked says the handler took over the connection (WebSocket, for
 	// instance).
@@ -109,17 +269,28 @@ type ClientRequest struct {
 	// Host is the URL's host[:port] (at most 64 bytes); Path its path (at
 	// most 128 bytes).
 	Host, Path string
+	// Scheme is the URL's scheme (https: over TLS, HTTP/1.1 or HTTP/2 as
+	// negotiated).
+	Scheme Scheme
+	// ProtocolVersion is the response's version (Response.ProtoMajor and
+	// ProtoMinor), zero when there was no response.
+	ProtocolVersion ProtocolVersion
 	// StatusCode is the response's status, 0 when there was none.
 	StatusCode int
 	// RequestBodySize is the declared request Content-Length (-1: unknown);
 	// ResponseBodySize the response's (-1: unknown).
 	RequestBodySize, ResponseBodySize int64
 	// Error is the Go type of the error the Transport returned, such as
-	// "*net.OpError" (the OTel error.type), empty on success.
+	// "*net.OpError" (the OTel error.type), empty on success; "_OTHER"
+	// when the type could not be resolved (the session counts such
+	// events as incomplete).
 	Error string
 	Span  SpanContext
 	// Parent says how the parent span was found.
 	Parent ParentLink
+	// Propagation says whether the request carried its trace context
+	// (traceparent) to the server, and if not, why.
+	Propagation Propagation
 	// Goroutine is the ID of the goroutine that sent the request.
 	Goroutine uint64
 	// PID and TID are the process and the thread the Transport returned on.

@@ -6,16 +6,18 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"time"
 
+	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 // Metric names (OpenTelemetry HTTP semantic conventions).
@@ -29,26 +31,39 @@ const (
 var durationBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10}
 
 // Telemetry maps the probe's events to OpenTelemetry; flowmill.NewExporter
-// calls it (see probes.Telemetry). It records http.server.request.duration
+// calls it (see probe.Telemetry). It records http.server.request.duration
 // and http.client.request.duration, and makes a span per request.
 //
-// The OpenTelemetry API lets the SDK choose span IDs, so the spans carry
-// the SDK's IDs, not the events': the structure is kept instead. A server
-// span with a traceparent is the child of that remote span (same trace
-// ID); a client span is the child of its server span. The server span ends
-// after its client requests, so a client span waits for it (at most
-// parentWait, then it is recorded as the child of the event's IDs, which
-// no exported span carries).
-func (p *Probe) Telemetry(env *probes.TelemetryEnv) (probes.Recorder, error) {
+// The OpenTelemetry API lets the SDK choose span IDs: each span is
+// started with its event's IDs in the context (probe.ContextWithSpanIDs),
+// which flowmill.IDGenerator gives the SDK back, so that the exported
+// spans carry the IDs propagated downstream in traceparent. With another
+// generator they carry the SDK's IDs (said once through otel.Handle when
+// propagation is on) and the structure is kept: a server span with a
+// traceparent is the child of that remote span (same trace ID); a client
+// span is the child of its server span. The server span ends after its
+// client requests, so a client span waits for it (at most parentWait, then
+// it is recorded as the child of the event's IDs).
+//
+// With propagation on, flowmill.http.client.propagation counts the client
+// requests by what became of their trace context
+// (flowmill.http.propagation: injected, present, tls, http2, other_conn,
+// untracked, header_too_large, not_http1, failed, unavailable).
+//
+// With a TCP family in the session (probe.TCPConns, looked up when
+// requests are recorded, so it may attach after the exporter is made),
+// server spans carry their connection's RTT and retransmissions; the
+// connections of the requests waiting to be recorded are looked up
+// together, in one read of the kernel's state.
+func (p *Probe) Telemetry(env *probe.TelemetryEnv) (probe.Recorder, error) {
 	r := &recorder{
 		tracer:      env.Tracer,
+		checkIDs:    p.propagate,
+		bus:         env.Bus,
 		lastRetrans: make(map[netip.AddrPort]uint32),
 		pending:     make(map[trace.SpanID][]pendingClient),
 		done:        make(map[trace.SpanID]doneServer),
 	}
-	// With a TCP family in the session, server spans carry what the kernel
-	// knows of their connection.
-	r.tcp, _ = probes.Lookup[probes.TCPConns](env.Bus)
 	var opts []metric.Float64HistogramOption
 	if env.ExplicitBuckets {
 		opts = append(opts, metric.WithExplicitBucketBoundaries(durationBuckets...))
@@ -61,15 +76,81 @@ func (p *Probe) Telemetry(env *probes.TelemetryEnv) (probes.Recorder, error) {
 	if err := errors.Join(e1, e2); err != nil {
 		return nil, fmt.Errorf("http: %w", err)
 	}
+	if p.propagate {
+		if err := r.observePropagation(env.Meter, p); err != nil {
+			return nil, fmt.Errorf("http: %w", err)
+		}
+	}
 	var err error
-	if r.servers, err = probes.Subscribe[ServerRequest](env.Bus, env.Buffer); err != nil {
+	if r.servers, err = probe.Subscribe[ServerRequest](env.Bus, env.Buffer); err != nil {
+		r.unregister()
 		return nil, fmt.Errorf("http: %w", err)
 	}
-	if r.clients, err = probes.Subscribe[ClientRequest](env.Bus, env.Buffer); err != nil {
+	if r.clients, err = probe.Subscribe[ClientRequest](env.Bus, env.Buffer); err != nil {
 		r.servers.Close()
+		r.unregister()
 		return nil, fmt.Errorf("http: %w", err)
 	}
 	return r, nil
+}
+
+// Propagation metric.
+const (
+	metricPropagation = "flowmill.http.client.propagation"
+	attrPropagation   = "flowmill.http.propagation"
+)
+
+// observePropagation registers the propagation counters, read from the
+// probe when the SDK collects.
+func (r *recorder) observePropagation(m metric.Meter, p *Probe) error {
+	c, err := m.Int64ObservableCounter(metricPropagation, metric.WithUnit("{request}"),
+		metric.WithDescription("Client requests by what became of their trace context (W3C traceparent)."))
+	if err != nil {
+		return err
+	}
+	sets := map[Propagation]metric.ObserveOption{}
+	for _, v := range []Propagation{PropagationInjected, PropagationPresent, PropagationTLS, PropagationHTTP2,
+		PropagationOtherConn, PropagationUntracked, PropagationHeaderTooLarge, PropagationNotHTTP1,
+		PropagationFailed, PropagationUnavailable} {
+		sets[v] = metric.WithAttributeSet(attribute.NewSet(attribute.String(attrPropagation, v.String())))
+	}
+	r.reg, err = m.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		s := p.PropagationStats()
+		for v, n := range map[Propagation]uint64{
+			PropagationInjected: s.Injected, PropagationPresent: s.Present, PropagationTLS: s.TLS,
+			PropagationHTTP2: s.HTTP2, PropagationOtherConn: s.OtherConn, PropagationUntracked: s.Untracked,
+			PropagationHeaderTooLarge: s.HeaderTooLarge, PropagationNotHTTP1: s.NotHTTP1,
+			PropagationFailed: s.Failed, PropagationUnavailable: s.Unavailable,
+		} {
+			if n > 0 {
+				o.ObserveInt64(c, int64(n), sets[v])
+			}
+		}
+		return nil
+	}, c)
+	return err
+}
+
+func (r *recorder) unregister() {
+	if r.reg != nil {
+		r.reg.Unregister()
+		r.reg = nil
+	}
+}
+
+// started checks, once, that the SDK gave a span the IDs of its event
+// (flowmill.IDGenerator): otherwise the trace context sent downstream names
+// spans that are not exported.
+func (r *recorder) started(span trace.Span, ids probe.SpanIDs) {
+	if !r.checkIDs || !span.IsRecording() {
+		return
+	}
+	r.checkIDs = false
+	if span.SpanContext().SpanID() != ids.SpanID {
+		otel.Handle(errors.New("flowmill: http: the TracerProvider does not use flowmill.IDGenerator: exported spans carry other IDs " +
+			"than the trace context sent downstream, so traces do not join up across services " +
+			"(sdktrace.WithIDGenerator(flowmill.IDGenerator{}))"))
+	}
 }
 
 const (
@@ -80,35 +161,69 @@ const (
 
 type recorder struct {
 	tracer           trace.Tracer
+	checkIDs         bool                // check the next recording span's IDs (see started)
+	reg              metric.Registration // the propagation counters' callback
 	server, client   metric.Float64Histogram
-	servers          *probes.Sub[ServerRequest]
-	clients          *probes.Sub[ClientRequest]
+	servers          *probe.Sub[ServerRequest]
+	clients          *probe.Sub[ClientRequest]
 	pending          map[trace.SpanID][]pendingClient // by the event's parent span ID
 	nPending         int
 	done             map[trace.SpanID]doneServer // event span ID -> exported span
 	doneOld, doneNew map[trace.SpanID]doneServer
 
-	tcp         probes.TCPConns           // nil without a TCP family
+	// With a TCP family in the session, server spans carry what the
+	// kernel knows of their connection. The family is looked up when the
+	// first requests are recorded, as the exporter may be made before
+	// the session's probes attach.
+	bus         *probe.Bus
+	tcp         probe.TCPConns            // nil until found
+	tcpFailing  bool                      // the last TCPConnBatch failed (reported once)
+	batch       []ServerRequest           // the served requests being recorded
+	queries     []probe.TCPConnQuery      // their connections, in the same order
 	lastRetrans map[netip.AddrPort]uint32 // by peer: the connection's retransmits at its last request
 }
 
-// maxConns bounds lastRetrans; past it, the table starts over.
-const maxConns = 1 << 14
+const (
+	// maxConns bounds lastRetrans; past it, the table starts over.
+	maxConns = 1 << 14
+	// maxBatch bounds the served requests recorded with one lookup of
+	// their connections.
+	maxBatch = 1024
+)
 
-// tcpAttrs returns what the TCP family knows of a served request's
-// connection when the request is recorded (at most the session's read
+// lookupConns asks the TCP family, once for the whole batch, about the
+// connections of the served requests in r.batch; the answers are in
+// r.queries. Without a TCP family, every answer is "not found".
+func (r *recorder) lookupConns() {
+	r.queries = slices.Grow(r.queries[:0], len(r.batch))
+	for i := range r.batch {
+		r.queries = append(r.queries, probe.TCPConnQuery{Remote: r.batch[i].Peer})
+	}
+	if r.tcp == nil {
+		if r.tcp, _ = probe.Lookup[probe.TCPConns](r.bus); r.tcp == nil {
+			return
+		}
+	}
+	err := r.tcp.TCPConnBatch(r.queries)
+	if err != nil && !r.tcpFailing {
+		// Those spans lack their TCP attributes; say so once, not
+		// per batch, until lookups work again.
+		otel.Handle(fmt.Errorf("flowmill: http: reading the connections of served requests for their TCP attributes: %w", err))
+	}
+	r.tcpFailing = err != nil
+}
+
+// tcpAttrs returns what the TCP family knew of a served request's
+// connection when its batch was recorded (at most the session's read
 // latency after the handler returned): its RTT, and the segments it
 // retransmitted since the previous request on the connection ended (or
 // since it opened), so that a slow request can be told apart from a slow
 // network.
-func (r *recorder) tcpAttrs(peer netip.AddrPort) []attribute.KeyValue {
-	if r.tcp == nil || !peer.IsValid() {
+func (r *recorder) tcpAttrs(q *probe.TCPConnQuery) []attribute.KeyValue {
+	if !q.OK {
 		return nil
 	}
-	info, ok := r.tcp.TCPConn(netip.AddrPort{}, peer)
-	if !ok {
-		return nil
-	}
+	info, peer := q.Info, q.Remote
 	retrans := info.Retransmits
 	if last, ok := r.lastRetrans[peer]; ok && last <= retrans {
 		retrans -= last
@@ -157,7 +272,7 @@ func (r *recorder) Run(stop <-chan struct{}) error {
 				servers = nil
 				continue
 			}
-			r.recordServer(&s)
+			servers = r.recordServers(s, servers)
 		case c, ok := <-clients:
 			if !ok {
 				clients = nil
@@ -170,6 +285,34 @@ func (r *recorder) Run(stop <-chan struct{}) error {
 	return nil
 }
 
+// recordServers records s and the served requests already waiting behind
+// it (up to maxBatch), with one lookup of their connections for all: the
+// TCP family's answer costs a read of kernel state, too much to pay per
+// request at a high request rate. It returns servers, or nil once it is
+// closed.
+func (r *recorder) recordServers(s ServerRequest, servers <-chan ServerRequest) <-chan ServerRequest {
+	r.batch = append(r.batch[:0], s)
+more:
+	for len(r.batch) < maxBatch {
+		select {
+		case s, ok := <-servers:
+			if !ok {
+				servers = nil
+				break more
+			}
+			r.batch = append(r.batch, s)
+		default:
+			break more
+		}
+	}
+	r.lookupConns()
+	for i := range r.batch {
+		r.recordServer(&r.batch[i], &r.queries[i])
+	}
+	clear(r.batch) // no strings kept alive
+	return servers
+}
+
 func (r *recorder) drain() {
 	servers, clients := r.servers.C(), r.clients.C()
 	for servers != nil || clients != nil {
@@ -179,7 +322,7 @@ func (r *recorder) drain() {
 				servers = nil
 				continue
 			}
-			r.recordServer(&s)
+			servers = r.recordServers(s, servers)
 		case c, ok := <-clients:
 			if !ok {
 				clients = nil
@@ -194,6 +337,7 @@ func (r *recorder) drain() {
 }
 
 func (r *recorder) release() {
+	r.unregister()
 	r.servers.Close()
 	r.clients.Close()
 	clear(r.pending)
@@ -201,9 +345,21 @@ func (r *recorder) release() {
 	clear(r.lastRetrans)
 }
 
-func (r *recorder) recordServer(s *ServerRequest) {
+// recordServer records a served request; q is the TCP family's answer
+// about its connection.
+func (r *recorder) recordServer(s *ServerRequest, q *probe.TCPConnQuery) {
 	method := methodOf(s.Method)
-	attrs := []attribute.KeyValue{semconv.HTTPRequestMethodKey.String(method), semconv.HTTPResponseStatusCode(s.StatusCode)}
+	scheme := s.Scheme.String()
+	if scheme == "" {
+		scheme = "http" // net/http sets Request.TLS for every request over TLS
+	}
+	attrs := []attribute.KeyValue{semconv.HTTPRequestMethodKey.String(method), semconv.URLScheme(scheme)}
+	if v := s.ProtocolVersion.String(); v != "" {
+		attrs = append(attrs, semconv.NetworkProtocolVersion(v))
+	}
+	if s.StatusCode > 0 { // 0: hijacked, whatever was sent is unknown
+		attrs = append(attrs, semconv.HTTPResponseStatusCode(s.StatusCode))
+	}
 	if s.Route != "" {
 		attrs = append(attrs, semconv.HTTPRoute(s.Route))
 	}
@@ -226,8 +382,15 @@ func (r *recorder) recordServer(s *ServerRequest) {
 		name += " " + s.Route
 	}
 	host, port := splitHostPort(s.Host)
-	attrs = append(attrs, semconv.URLPath(s.Path), semconv.URLScheme("http"),
-		semconv.HTTPRequestBodySize(int(s.RequestBodySize)), semconv.HTTPResponseBodySize(int(s.ResponseBodySize)))
+	attrs = append(attrs, semconv.URLPath(s.Path))
+	// Unknown sizes are left out, not reported as -1: a chunked request
+	// body, and what a handler wrote on a connection it hijacked.
+	if s.RequestBodySize >= 0 {
+		attrs = append(attrs, semconv.HTTPRequestBodySize(int(s.RequestBodySize)))
+	}
+	if s.ResponseBodySize >= 0 && !s.Hijacked {
+		attrs = append(attrs, semconv.HTTPResponseBodySize(int(s.ResponseBodySize)))
+	}
 	if host != "" {
 		attrs = append(attrs, semconv.ServerAddress(host))
 	}
@@ -238,9 +401,11 @@ func (r *recorder) recordServer(s *ServerRequest) {
 		attrs = append(attrs, semconv.NetworkPeerAddress(s.Peer.Addr().String()), semconv.NetworkPeerPort(int(s.Peer.Port())),
 			semconv.ClientAddress(s.Peer.Addr().String()))
 	}
-	attrs = append(attrs, r.tcpAttrs(s.Peer)...)
-	ctx, span := r.tracer.Start(ctx, name, trace.WithSpanKind(trace.SpanKindServer),
+	attrs = append(attrs, r.tcpAttrs(q)...)
+	ids := probe.SpanIDs{TraceID: s.Span.TraceID, SpanID: s.Span.SpanID}
+	ctx, span := r.tracer.Start(probe.ContextWithSpanIDs(ctx, ids), name, trace.WithSpanKind(trace.SpanKindServer),
 		trace.WithTimestamp(s.Start), trace.WithAttributes(attrs...))
+	r.started(span, ids)
 	if s.StatusCode >= 500 {
 		span.SetStatus(codes.Error, "")
 	}
@@ -273,6 +438,11 @@ func (r *recorder) recordClient(c *ClientRequest) {
 	attrs := []attribute.KeyValue{semconv.HTTPRequestMethodKey.String(method), semconv.ServerAddress(host)}
 	if port > 0 {
 		attrs = append(attrs, semconv.ServerPort(port))
+	}
+	// url.scheme is opt-in on http.client.request.duration: on the span
+	// only.
+	if v := c.ProtocolVersion.String(); v != "" {
+		attrs = append(attrs, semconv.NetworkProtocolVersion(v))
 	}
 	if c.StatusCode > 0 {
 		attrs = append(attrs, semconv.HTTPResponseStatusCode(c.StatusCode))
@@ -329,18 +499,34 @@ func (r *recorder) clientSpan(ctx context.Context, c *ClientRequest) {
 	if port > 0 {
 		attrs = append(attrs, semconv.ServerPort(port))
 	}
+	if sc := c.Scheme.String(); sc != "" {
+		attrs = append(attrs, semconv.URLScheme(sc))
+	}
+	if v := c.ProtocolVersion.String(); v != "" {
+		attrs = append(attrs, semconv.NetworkProtocolVersion(v))
+	}
 	if c.StatusCode > 0 {
 		attrs = append(attrs, semconv.HTTPResponseStatusCode(c.StatusCode))
 	}
+	// Sizes come from Content-Length: -1 (chunked, or none given) is left
+	// out; a response to HEAD declares the size of a body it does not have.
 	if c.RequestBodySize >= 0 {
 		attrs = append(attrs, semconv.HTTPRequestBodySize(int(c.RequestBodySize)))
+	}
+	if c.ResponseBodySize >= 0 && c.StatusCode > 0 && c.Method != "HEAD" {
+		attrs = append(attrs, semconv.HTTPResponseBodySize(int(c.ResponseBodySize)))
 	}
 	et := errorTypeOf(c)
 	if et != "" {
 		attrs = append(attrs, semconv.ErrorTypeKey.String(et))
 	}
-	_, span := r.tracer.Start(ctx, methodOf(c.Method), trace.WithSpanKind(trace.SpanKindClient),
+	if c.Propagation != PropagationNone {
+		attrs = append(attrs, attribute.String(attrPropagation, c.Propagation.String()))
+	}
+	ids := probe.SpanIDs{TraceID: c.Span.TraceID, SpanID: c.Span.SpanID}
+	_, span := r.tracer.Start(probe.ContextWithSpanIDs(ctx, ids), methodOf(c.Method), trace.WithSpanKind(trace.SpanKindClient),
 		trace.WithTimestamp(c.Start), trace.WithAttributes(attrs...))
+	r.started(span, ids)
 	if et != "" {
 		span.SetStatus(codes.Error, c.Error)
 	}

@@ -2,11 +2,15 @@ package http
 
 import (
 	"context"
+	"encoding/binary"
+	"fmt"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
@@ -15,38 +19,40 @@ import (
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 // TestTelemetry: the client span, published before its server span (as the
 // probe does: the client returns first), becomes the child of the exported
 // server span, which is the child of the remote traceparent span.
 func TestTelemetry(t *testing.T) {
-	bus := probes.NewBus()
-	servers, clients := probes.Produce[ServerRequest](bus), probes.Produce[ClientRequest](bus)
+	bus := probe.NewBus()
+	servers := probe.Produce[ServerRequest](bus)
+	probe.Produce[ClientRequest](bus)
 	sr := tracetest.NewSpanRecorder()
 	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(sr))
 	reader := sdkmetric.NewManualReader()
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
-	rec, err := New().Telemetry(&probes.TelemetryEnv{Bus: bus, Buffer: 16, Meter: mp.Meter("t"), Tracer: tp.Tracer("t")})
+	rec, err := New().Telemetry(&probe.TelemetryEnv{Bus: bus, Buffer: 16, Meter: mp.Meter("t"), Tracer: tp.Tracer("t")})
 	if err != nil {
 		t.Fatal(err)
 	}
+	r := rec.(*recorder)
 	t0 := time.Unix(1000, 0)
 	remote := SpanContext{TraceID: trace.TraceID{1}, SpanID: trace.SpanID{2}, ParentSpanID: trace.SpanID{3}, RemoteParent: true, Sampled: true}
-	clients.Publish(&ClientRequest{Start: t0.Add(time.Millisecond), End: t0.Add(2 * time.Millisecond), Method: "GET", Host: "db:8080", Path: "/q",
-		StatusCode: 503, Span: SpanContext{TraceID: remote.TraceID, SpanID: trace.SpanID{4}, ParentSpanID: remote.SpanID}, Parent: ParentByGoroutine})
-	clients.Publish(&ClientRequest{Start: t0, End: t0.Add(time.Millisecond), Method: "BREW", Host: "127.0.0.1:1", Error: "*net.OpError",
+	// The clients first, as the probe publishes them.
+	r.recordClient(&ClientRequest{Start: t0.Add(time.Millisecond), End: t0.Add(2 * time.Millisecond), Method: "GET", Host: "db:8080", Path: "/q",
+		StatusCode: 503, Span: SpanContext{TraceID: remote.TraceID, SpanID: trace.SpanID{4}, ParentSpanID: remote.SpanID}, Parent: ParentByGoroutine,
+		Scheme: SchemeHTTPS, ProtocolVersion: ProtocolVersion{1, 1}})
+	r.recordClient(&ClientRequest{Start: t0, End: t0.Add(time.Millisecond), Method: "BREW", Host: "127.0.0.1:1", Error: "*net.OpError",
 		Span: SpanContext{TraceID: trace.TraceID{9}, SpanID: trace.SpanID{9}}})
-	time.Sleep(50 * time.Millisecond) // the clients are read first
 	servers.Publish(&ServerRequest{Start: t0, End: t0.Add(3 * time.Millisecond), Method: "GET", Path: "/users/7", Route: "/users/{id}",
-		Host: "api:80", Peer: netip.MustParseAddrPort("10.0.0.1:5555"), StatusCode: 500, Span: remote})
+		Host: "api:80", Peer: netip.MustParseAddrPort("10.0.0.1:5555"), StatusCode: 500, Span: remote,
+		Scheme: SchemeHTTPS, ProtocolVersion: ProtocolVersion{2, 0}})
 	stop := make(chan struct{})
-	done := make(chan error)
-	go func() { done <- rec.Run(stop) }()
-	time.Sleep(100 * time.Millisecond)
-	close(stop)
-	if err := <-done; err != nil {
+	close(stop) // record what is buffered, then return
+	if err := rec.Run(stop); err != nil {
 		t.Fatal(err)
 	}
 	spans := sr.Ended()
@@ -90,6 +96,15 @@ func TestTelemetry(t *testing.T) {
 	has(cl, semconv.ServerPort(8080))
 	has(cl, semconv.ErrorTypeKey.String("503"))
 	has(orphan, semconv.ErrorTypeKey.String("*net.OpError"))
+	has(srv, semconv.URLScheme("https"))
+	has(srv, semconv.NetworkProtocolVersion("2"))
+	has(cl, semconv.URLScheme("https"))
+	has(cl, semconv.NetworkProtocolVersion("1.1"))
+	for _, a := range orphan.Attributes() {
+		if a.Key == semconv.URLSchemeKey || a.Key == semconv.NetworkProtocolVersionKey {
+			t.Errorf("client without a response or a known scheme has %v", a)
+		}
+	}
 
 	var rm metricdata.ResourceMetrics
 	if err := reader.Collect(context.Background(), &rm); err != nil {
@@ -99,6 +114,22 @@ func TestTelemetry(t *testing.T) {
 	for _, m := range rm.ScopeMetrics[0].Metrics {
 		for _, dp := range m.Data.(metricdata.Histogram[float64]).DataPoints {
 			counts[m.Name] += dp.Count
+			scheme, hasScheme := dp.Attributes.Value(semconv.URLSchemeKey)
+			version, _ := dp.Attributes.Value(semconv.NetworkProtocolVersionKey)
+			host, _ := dp.Attributes.Value(semconv.ServerAddressKey)
+			switch {
+			case m.Name == metricServerDuration:
+				// url.scheme is required, network.protocol.version
+				// recommended.
+				if scheme.AsString() != "https" || version.AsString() != "2" {
+					t.Errorf("server metric attributes %v", dp.Attributes.ToSlice())
+				}
+			case host.AsString() == "db":
+				// url.scheme is opt-in on the client metric.
+				if hasScheme || version.AsString() != "1.1" {
+					t.Errorf("client metric attributes %v", dp.Attributes.ToSlice())
+				}
+			}
 		}
 	}
 	if counts[metricServerDuration] != 1 || counts[metricClientDuration] != 2 {
@@ -106,19 +137,35 @@ func TestTelemetry(t *testing.T) {
 	}
 }
 
+// fakeTCP is a TCP family's service with made-up connections, counting
+// how it is asked.
 type fakeTCP struct {
-	mu    sync.Mutex
-	conns map[netip.AddrPort]probes.TCPConnInfo
+	mu      sync.Mutex
+	conns   map[netip.AddrPort]probe.TCPConnInfo
+	singles int   // TCPConn calls
+	batches []int // the size of each TCPConnBatch
 }
 
-func (f *fakeTCP) TCPConn(local, remote netip.AddrPort) (probes.TCPConnInfo, bool) {
+func (f *fakeTCP) TCPConn(local, remote netip.AddrPort) (probe.TCPConnInfo, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.singles++
 	i, ok := f.conns[remote]
 	return i, ok && !local.IsValid()
 }
 
-func (f *fakeTCP) set(peer netip.AddrPort, i *probes.TCPConnInfo) {
+func (f *fakeTCP) TCPConnBatch(qs []probe.TCPConnQuery) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.batches = append(f.batches, len(qs))
+	for i := range qs {
+		qs[i].Info, qs[i].OK = f.conns[qs[i].Remote]
+		qs[i].OK = qs[i].OK && !qs[i].Local.IsValid()
+	}
+	return nil
+}
+
+func (f *fakeTCP) set(peer netip.AddrPort, i *probe.TCPConnInfo) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if i == nil {
@@ -128,42 +175,43 @@ func (f *fakeTCP) set(peer netip.AddrPort, i *probes.TCPConnInfo) {
 	}
 }
 
-// With a TCP family in the session, a server span carries its connection's
-// RTT and the retransmissions since the previous request on it.
-func TestTelemetryTCP(t *testing.T) {
-	bus := probes.NewBus()
-	servers := probes.Produce[ServerRequest](bus)
-	probes.Produce[ClientRequest](bus)
-	peer := netip.MustParseAddrPort("10.0.0.1:5555")
-	tcp := &fakeTCP{conns: map[netip.AddrPort]probes.TCPConnInfo{}}
-	tcp.set(peer, &probes.TCPConnInfo{SRTT: 1500 * time.Microsecond, MinRTT: time.Millisecond, Retransmits: 3})
-	probes.Provide[probes.TCPConns](bus, tcp)
-	sr := tracetest.NewSpanRecorder()
+// newRecorder returns the probe's recorder on bus, recording into sr.
+func newRecorder(t *testing.T, bus *probe.Bus, sr *tracetest.SpanRecorder) *recorder {
+	t.Helper()
+	probe.Produce[ServerRequest](bus)
+	probe.Produce[ClientRequest](bus)
 	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(sr))
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(sdkmetric.NewManualReader()))
-	rec, err := New().Telemetry(&probes.TelemetryEnv{Bus: bus, Buffer: 16, Meter: mp.Meter("t"), Tracer: tp.Tracer("t")})
+	rec, err := New().Telemetry(&probe.TelemetryEnv{Bus: bus, Buffer: 1 << 12, Meter: mp.Meter("t"), Tracer: tp.Tracer("t")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	stop := make(chan struct{})
-	done := make(chan error)
-	go func() { done <- rec.Run(stop) }()
+	r := rec.(*recorder)
+	t.Cleanup(r.release)
+	return r
+}
+
+// With a TCP family in the session, a server span carries its connection's
+// RTT and the retransmissions since the previous request on it.
+func TestTelemetryTCP(t *testing.T) {
+	bus := probe.NewBus()
+	peer := netip.MustParseAddrPort("10.0.0.1:5555")
+	tcp := &fakeTCP{conns: map[netip.AddrPort]probe.TCPConnInfo{}}
+	tcp.set(peer, &probe.TCPConnInfo{SRTT: 1500 * time.Microsecond, MinRTT: time.Millisecond, Retransmits: 3})
+	probe.Provide[probe.TCPConns](bus, tcp)
+	sr := tracetest.NewSpanRecorder()
+	r := newRecorder(t, bus, sr)
 	t0 := time.Unix(1000, 0)
-	req := func(path string) {
-		servers.Publish(&ServerRequest{Start: t0, End: t0.Add(time.Millisecond), Method: "GET", Path: path, Peer: peer, StatusCode: 200,
-			Span: SpanContext{TraceID: trace.TraceID{1}, SpanID: trace.SpanID{byte(len(path))}}})
-		time.Sleep(30 * time.Millisecond)
+	req := func(path string) { // one batch each
+		r.recordServers(ServerRequest{Start: t0, End: t0.Add(time.Millisecond), Method: "GET", Path: path, Peer: peer, StatusCode: 200,
+			Span: SpanContext{TraceID: trace.TraceID{1}, SpanID: trace.SpanID{byte(len(path))}}}, nil)
 	}
 	req("/a")
-	tcp.set(peer, &probes.TCPConnInfo{SRTT: 2 * time.Millisecond, MinRTT: time.Millisecond, Retransmits: 5})
+	tcp.set(peer, &probe.TCPConnInfo{SRTT: 2 * time.Millisecond, MinRTT: time.Millisecond, Retransmits: 5})
 	req("/bb")
 	req("/ccc") // no new retransmissions
 	tcp.set(peer, nil)
 	req("/dddd") // connection unknown: no TCP attributes
-	close(stop)
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
 	want := map[string][2]float64{"/a": {0.0015, 3}, "/bb": {0.002, 2}, "/ccc": {0.002, 0}}
 	spans := sr.Ended()
 	if len(spans) != 4 {
@@ -187,4 +235,257 @@ func TestTelemetryTCP(t *testing.T) {
 			t.Errorf("%s: srtt %v retransmits %v, want %v", path, srtt, got[attrTCPRetransmits], w)
 		}
 	}
+}
+
+// At a high request rate, the connections of the served requests waiting
+// to be recorded are looked up together, never one request at a time: a
+// lookup reads kernel state (and the single one may wait for the
+// session's records and a rate limit), which per request would leave the
+// exporter behind.
+func TestTelemetryTCPBatched(t *testing.T) {
+	const n = 3000
+	bus := probe.NewBus()
+	tcp := &fakeTCP{conns: map[netip.AddrPort]probe.TCPConnInfo{}}
+	peer := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), 4000)
+	}
+	for i := range n {
+		tcp.set(peer(i), &probe.TCPConnInfo{SRTT: time.Duration(i+1) * time.Microsecond})
+	}
+	probe.Provide[probe.TCPConns](bus, tcp)
+	sr := tracetest.NewSpanRecorder()
+	r := newRecorder(t, bus, sr)
+	servers := probe.Produce[ServerRequest](bus)
+	t0 := time.Unix(1000, 0)
+	for i := range n {
+		var sid trace.SpanID
+		binary.BigEndian.PutUint64(sid[:], uint64(i+1))
+		servers.Publish(&ServerRequest{Start: t0, End: t0.Add(time.Millisecond), Method: "GET", Path: fmt.Sprintf("/%d", i),
+			Peer: peer(i), StatusCode: 200, Span: SpanContext{TraceID: trace.TraceID{1}, SpanID: sid}})
+	}
+	stop := make(chan struct{})
+	close(stop) // record what is buffered, then return
+	if err := r.Run(stop); err != nil {
+		t.Fatal(err)
+	}
+	if tcp.singles != 0 || len(tcp.batches) > (n+maxBatch-1)/maxBatch {
+		t.Errorf("%d requests: %d single lookups and %d batches %v, want at most %d batches", n, tcp.singles, len(tcp.batches), tcp.batches, (n+maxBatch-1)/maxBatch)
+	}
+	spans := sr.Ended()
+	if len(spans) != n {
+		t.Fatalf("%d spans, want %d", len(spans), n)
+	}
+	for _, s := range spans {
+		path, _ := attrOf(s, semconv.URLPathKey)
+		srtt, ok := attrOf(s, attrTCPSRTT)
+		var i int
+		fmt.Sscanf(path.AsString(), "/%d", &i)
+		if !ok || srtt.AsFloat64() != (time.Duration(i+1)*time.Microsecond).Seconds() {
+			t.Errorf("%s: srtt %v (present %v)", path.AsString(), srtt.AsFloat64(), ok)
+		}
+	}
+}
+
+// The exporter may be made before the session's probes attach, so the TCP
+// family's service is looked up when requests are recorded, not when the
+// recorder is made; without one, spans simply have no TCP attributes.
+func TestTelemetryTCPLate(t *testing.T) {
+	bus := probe.NewBus()
+	sr := tracetest.NewSpanRecorder()
+	r := newRecorder(t, bus, sr)
+	peer := netip.MustParseAddrPort("10.0.0.1:5555")
+	t0 := time.Unix(1000, 0)
+	req := func(path string) {
+		r.recordServers(ServerRequest{Start: t0, End: t0.Add(time.Millisecond), Method: "GET", Path: path, Peer: peer, StatusCode: 200,
+			Span: SpanContext{TraceID: trace.TraceID{1}, SpanID: trace.SpanID{byte(len(path))}}}, nil)
+	}
+	req("/before") // no TCP family yet
+	tcp := &fakeTCP{conns: map[netip.AddrPort]probe.TCPConnInfo{peer: {SRTT: time.Millisecond}}}
+	probe.Provide[probe.TCPConns](bus, tcp)
+	req("/after")
+	spans := recorded(sr)
+	if _, ok := attrOf(spans["/before"], attrTCPSRTT); ok {
+		t.Error("TCP attributes without a TCP family")
+	}
+	if v, ok := attrOf(spans["/after"], attrTCPSRTT); !ok || v.AsFloat64() != 0.001 {
+		t.Errorf("after the TCP family attached: srtt %v (present %v)", v.AsFloat64(), ok)
+	}
+}
+
+// recorded returns the ended spans by URL path.
+func recorded(sr *tracetest.SpanRecorder) map[string]sdktrace.ReadOnlySpan {
+	out := map[string]sdktrace.ReadOnlySpan{}
+	for _, s := range sr.Ended() {
+		if v, ok := attrOf(s, semconv.URLPathKey); ok {
+			out[v.AsString()] = s
+		}
+	}
+	return out
+}
+
+// recordAll publishes events with publish before the recorder runs, then
+// runs it until it has recorded what is buffered, and returns the spans
+// by URL path.
+func recordAll(t *testing.T, bus *probe.Bus, publish func(servers *probe.Topic[ServerRequest], clients *probe.Topic[ClientRequest])) map[string]sdktrace.ReadOnlySpan {
+	t.Helper()
+	servers, clients := probe.Produce[ServerRequest](bus), probe.Produce[ClientRequest](bus)
+	sr := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(sr))
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(sdkmetric.NewManualReader()))
+	rec, err := New().Telemetry(&probe.TelemetryEnv{Bus: bus, Buffer: 1 << 12, Meter: mp.Meter("t"), Tracer: tp.Tracer("t")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	publish(servers, clients)
+	stop := make(chan struct{})
+	close(stop) // Run records what is buffered, then returns
+	if err := rec.Run(stop); err != nil {
+		t.Fatal(err)
+	}
+	return recorded(sr)
+}
+
+func attrOf(s sdktrace.ReadOnlySpan, k attribute.Key) (attribute.Value, bool) {
+	for _, a := range s.Attributes() {
+		if a.Key == k {
+			return a.Value, true
+		}
+	}
+	return attribute.Value{}, false
+}
+
+// Body sizes that are not known (a chunked request body, what a handler
+// wrote on a hijacked connection, a response without Content-Length) are
+// left out of the span rather than reported as -1.
+func TestTelemetryBodySizes(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	spans := recordAll(t, probe.NewBus(), func(servers *probe.Topic[ServerRequest], clients *probe.Topic[ClientRequest]) {
+		srv := func(path string, req, resp int64, status int, hijacked bool) {
+			servers.Publish(&ServerRequest{Start: t0, End: t0.Add(time.Millisecond), Method: "POST", Path: path, StatusCode: status,
+				RequestBodySize: req, ResponseBodySize: resp, Hijacked: hijacked,
+				Span: SpanContext{TraceID: trace.TraceID{1}, SpanID: trace.SpanID{byte(len(path))}}})
+		}
+		srv("/chunked", -1, 5, 200, false)
+		srv("/sized", 10, 7, 200, false)
+		srv("/hijacked", 0, 0, 0, true)
+		cl := func(path, method string, req, resp int64, status int) {
+			clients.Publish(&ClientRequest{Start: t0, End: t0.Add(time.Millisecond), Method: method, Host: "db:80", Path: path,
+				StatusCode: status, RequestBodySize: req, ResponseBodySize: resp,
+				Span: SpanContext{TraceID: trace.TraceID{2}, SpanID: trace.SpanID{byte(len(path))}}})
+		}
+		cl("/c/chunked", "POST", -1, -1, 200)
+		cl("/c/sized", "PUT", 3, 4, 200)
+		cl("/c/head", "HEAD", 0, 99, 200)
+	})
+	for _, w := range []struct {
+		path      string
+		req, resp int64 // -1: absent
+	}{
+		{"/chunked", -1, 5}, {"/sized", 10, 7}, {"/hijacked", 0, -1},
+		{"/c/chunked", -1, -1}, {"/c/sized", 3, 4}, {"/c/head", 0, -1},
+	} {
+		s := spans[w.path]
+		if s == nil {
+			t.Errorf("no span for %s", w.path)
+			continue
+		}
+		for _, f := range []struct {
+			key  attribute.Key
+			want int64
+		}{{semconv.HTTPRequestBodySizeKey, w.req}, {semconv.HTTPResponseBodySizeKey, w.resp}} {
+			v, ok := attrOf(s, f.key)
+			switch {
+			case f.want < 0 && ok:
+				t.Errorf("%s: %s = %v, want it left out", w.path, f.key, v.AsInt64())
+			case f.want >= 0 && (!ok || v.AsInt64() != f.want):
+				t.Errorf("%s: %s = %v (present %v), want %d", w.path, f.key, v.AsInt64(), ok, f.want)
+			}
+		}
+	}
+	if v, ok := attrOf(spans["/hijacked"], semconv.HTTPResponseStatusCodeKey); ok {
+		t.Errorf("hijacked: status code %v, want it left out", v.AsInt64())
+	}
+}
+
+// TestTelemetryIDs: with flowmill.IDGenerator, the exported spans carry
+// their events' IDs (those sent downstream in traceparent): a root server
+// span its trace and span ID, its client span its span ID, as the child of
+// the server span; with the SDK's own generator, the structure alone is
+// kept, and the mismatch is said once through otel.Handle.
+func TestTelemetryIDs(t *testing.T) {
+	root := ServerRequest{Method: "GET", Path: "/a", Route: "/a", StatusCode: 200,
+		Span: SpanContext{TraceID: trace.TraceID{7, 7}, SpanID: trace.SpanID{1, 1}}}
+	remote := ServerRequest{Method: "GET", Path: "/b", Route: "/b", StatusCode: 200,
+		Span: SpanContext{TraceID: trace.TraceID{8}, SpanID: trace.SpanID{2, 2}, ParentSpanID: trace.SpanID{9}, RemoteParent: true, Sampled: true}}
+	client := ClientRequest{Method: "GET", Host: "b:80", Span: SpanContext{TraceID: root.Span.TraceID, SpanID: trace.SpanID{3, 3}, ParentSpanID: root.Span.SpanID},
+		Parent: ParentByContext, Propagation: PropagationInjected}
+	orphan := ClientRequest{Method: "PUT", Host: "c:80", Span: SpanContext{TraceID: trace.TraceID{5}, SpanID: trace.SpanID{4, 4}}}
+	record := func(t *testing.T, opts ...sdktrace.TracerProviderOption) map[string]sdktrace.ReadOnlySpan {
+		bus := probe.NewBus()
+		servers, clients := probe.Produce[ServerRequest](bus), probe.Produce[ClientRequest](bus)
+		sr := tracetest.NewSpanRecorder()
+		tp := sdktrace.NewTracerProvider(append(opts, sdktrace.WithSpanProcessor(sr))...)
+		mp := sdkmetric.NewMeterProvider()
+		rec, err := New().Telemetry(&probe.TelemetryEnv{Bus: bus, Buffer: 16, Meter: mp.Meter("t"), Tracer: tp.Tracer("t")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		clients.Publish(&client)
+		clients.Publish(&orphan)
+		servers.Publish(&root)
+		servers.Publish(&remote)
+		stop := make(chan struct{})
+		close(stop)
+		if err := rec.Run(stop); err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]sdktrace.ReadOnlySpan{}
+		for _, s := range sr.Ended() {
+			out[s.Name()] = s
+		}
+		if len(out) != 4 {
+			t.Fatalf("spans %v", out)
+		}
+		return out
+	}
+	var handled []error
+	otel.SetErrorHandler(otel.ErrorHandlerFunc(func(err error) { handled = append(handled, err) }))
+	t.Cleanup(func() { otel.SetErrorHandler(otel.ErrorHandlerFunc(func(error) {})) })
+
+	t.Run("flowmill IDs", func(t *testing.T) {
+		handled = nil
+		s := record(t, sdktrace.WithIDGenerator(flowmill.IDGenerator{}))
+		check := func(name string, tid trace.TraceID, sid, parent trace.SpanID) {
+			t.Helper()
+			sp := s[name]
+			if sp.SpanContext().TraceID() != tid || sp.SpanContext().SpanID() != sid || sp.Parent().SpanID() != parent {
+				t.Errorf("%s: trace %s span %s parent %s, want %s %s %s", name, sp.SpanContext().TraceID(), sp.SpanContext().SpanID(), sp.Parent().SpanID(), tid, sid, parent)
+			}
+		}
+		check("GET", client.Span.TraceID, client.Span.SpanID, root.Span.SpanID)
+		check("PUT", orphan.Span.TraceID, orphan.Span.SpanID, trace.SpanID{})
+		a, b := s["GET /a"], s["GET /b"]
+		if a == nil || b == nil {
+			t.Fatalf("server spans missing: %v", s)
+		}
+		if a.SpanContext().TraceID() != root.Span.TraceID || a.SpanContext().SpanID() != root.Span.SpanID || a.Parent().IsValid() {
+			t.Errorf("root server span %v, want %v", a.SpanContext(), root.Span)
+		}
+		if b.SpanContext().TraceID() != remote.Span.TraceID || b.SpanContext().SpanID() != remote.Span.SpanID || b.Parent().SpanID() != remote.Span.ParentSpanID {
+			t.Errorf("server span %v (parent %v), want %v", b.SpanContext(), b.Parent(), remote.Span)
+		}
+		if len(handled) != 0 {
+			t.Errorf("errors handled: %v", handled)
+		}
+	})
+	t.Run("SDK IDs", func(t *testing.T) {
+		handled = nil
+		s := record(t)
+		if s["GET"].SpanContext().SpanID() == client.Span.SpanID {
+			t.Errorf("the SDK's generator gave the event's ID")
+		}
+		if len(handled) != 1 || !strings.Contains(handled[0].Error(), "IDGenerator") {
+			t.Errorf("errors handled: %v, want one about flowmill.IDGenerator", handled)
+		}
+	})
 }

@@ -2,7 +2,9 @@ package http_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -10,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -126,6 +129,9 @@ func start(t testing.TB, prog testprog.Program, args ...string) *child {
 			case l.Listen != "":
 				c.addr = l.Listen
 				ready <- nil
+			case l.Server != nil && strings.HasPrefix(l.Server.Path, "/__"):
+				// The test's questions to the child (/__losses,
+				// /__stats), not the requests under test.
 			case l.Server != nil:
 				c.servers <- *l.Server
 			case l.Client != nil:
@@ -165,13 +171,21 @@ func (c *child) losses() string {
 // sessionStats returns what the child's session read, lost and evicted.
 func (c *child) sessionStats(t *testing.T) (read, lost, evicted uint64) {
 	t.Helper()
+	read, lost, evicted, _ = c.sessionStatsMissed(t)
+	return read, lost, evicted
+}
+
+// sessionStatsMissed is sessionStats and the hook hits the kernel skipped
+// (Linux 5.12 and later count them).
+func (c *child) sessionStatsMissed(t *testing.T) (read, lost, evicted, missed uint64) {
+	t.Helper()
 	var l struct {
-		Session struct{ EventsRead, EventsLost, Evicted uint64 }
+		Session struct{ EventsRead, EventsLost, Evicted, Missed uint64 }
 	}
 	if err := json.Unmarshal([]byte(c.losses()), &l); err != nil {
 		t.Fatalf("the child's losses: %v", err)
 	}
-	return l.Session.EventsRead, l.Session.EventsLost, l.Session.Evicted
+	return l.Session.EventsRead, l.Session.EventsLost, l.Session.Evicted, l.Session.Missed
 }
 
 // collectAll collects nSrv server and nCli client spans. Where some never
@@ -191,7 +205,7 @@ func (c *child) collectAll(t *testing.T, nSrv, nCli int) ([]fmhttp.ServerRequest
 		case s := <-c.clients:
 			cli = append(cli, s)
 		case <-timeout:
-			read, lost, evicted := c.sessionStats(t)
+			read, lost, evicted, missed := c.sessionStatsMissed(t)
 			// What the session read is delivered: wait for any still on
 			// its way.
 			for late := time.After(testutil.Timeout(2 * time.Second)); uint64(len(srv)+len(cli)) < read; {
@@ -208,18 +222,23 @@ func (c *child) collectAll(t *testing.T, nSrv, nCli int) ([]fmhttp.ServerRequest
 			}
 			got, want := uint64(len(srv)+len(cli)), uint64(nSrv+nCli)
 			// Where the kernel preempts uprobe programs (the session
-			// then counts overtaken entries as lost), one request in
-			// about 600 still goes uncounted on emulated 7.3, cause
-			// unknown (see the README's kernel table): allowed there,
-			// up to 1%, and logged; never where nothing was lost.
+			// then counts overtaken entries as lost), a preempted
+			// program also makes the kernel skip the uprobe programs
+			// of other threads on its CPU (bpf_prog_active): hits
+			// counted as missed (5.12+), each of which may be a
+			// request's entry. Requests up to the missed hits are
+			// allowed, and logged; and, as before missed hits were
+			// looked at, up to 1% where some were lost (one request in
+			// about 600 went uncounted on emulated 7.3); never where
+			// nothing was lost or missed.
 			unaccounted := int64(want) - int64(got+lost+evicted)
-			if unaccounted > 0 && lost > 0 && uint64(unaccounted)*100 <= want {
-				t.Logf("%d requests neither traced nor counted (a preempting kernel)", unaccounted)
+			if unaccounted > 0 && (uint64(unaccounted) <= missed || lost > 0 && uint64(unaccounted)*100 <= want) {
+				t.Logf("%d requests neither traced nor counted (a preempting kernel; %d hits missed)", unaccounted, missed)
 			} else if unaccounted > 0 {
-				t.Fatalf("got %d of %d server and %d of %d client spans; the session read %d and counted %d lost, %d evicted: %d requests unaccounted for", len(srv), nSrv, len(cli), nCli, read, lost, evicted, want-got-lost-evicted)
+				t.Fatalf("got %d of %d server and %d of %d client spans; the session read %d and counted %d lost, %d evicted, %d hits missed: %d requests unaccounted for; the child's counts: %s", len(srv), nSrv, len(cli), nCli, read, lost, evicted, missed, want-got-lost-evicted, c.losses())
 			}
 			missing := want - got
-			t.Logf("got %d of %d server and %d of %d client spans; the session read %d and counted %d lost, %d evicted", len(srv), nSrv, len(cli), nCli, read, lost, evicted)
+			t.Logf("got %d of %d server and %d of %d client spans; the session read %d and counted %d lost, %d evicted, %d hits missed", len(srv), nSrv, len(cli), nCli, read, lost, evicted, missed)
 			return srv, cli, missing
 		}
 	}
@@ -293,6 +312,7 @@ var builds = []struct {
 }{
 	{"default", testprog.HTTPServer},
 	{"stripped", testprog.HTTPServerStripped},
+	{"pie", testprog.HTTPServerPIE},
 }
 
 // TestServerSpans: every request, from curl and from a Go client, yields
@@ -404,7 +424,7 @@ func TestTraceparent(t *testing.T) {
 	// /proxy makes a request to /hello: 5 server spans, 1 client span.
 	byPath := map[string]fmhttp.ServerRequest{}
 	for _, s := range c.nServers(t, 5) {
-		if s.Path == "/hello" && !s.Span.RemoteParent {
+		if s.Path == "/hello" && s.Span.TraceID.String() == "0af7651916cd43dd8448eb211c80319c" {
 			byPath["/hello (proxied)"] = s
 			continue
 		}
@@ -427,13 +447,65 @@ func TestTraceparent(t *testing.T) {
 	if cl.Span.TraceID.String() != "0af7651916cd43dd8448eb211c80319c" || cl.Span.ParentSpanID != byPath["/proxy"].Span.SpanID {
 		t.Errorf("client span %+v is not a child of the /proxy span %+v", cl.Span, byPath["/proxy"].Span)
 	}
+	// Propagated: the /hello it requested continues the trace, as the
+	// child of the client span.
+	if h := byPath["/hello (proxied)"]; h.Span.ParentSpanID != cl.Span.SpanID || !h.Span.RemoteParent || !h.Span.Sampled {
+		t.Errorf("proxied /hello %+v is not the child of the client span %+v", h.Span, cl.Span)
+	}
+}
+
+// TestTraceparentH2: an HTTP/2 request (h2c, curl --http2-prior-knowledge)
+// with a traceparent is served in that trace, as the child of that span,
+// in every build (stripped: no symbols, no DWARF); without one it starts a
+// trace. Status says nothing of HTTP/2 trace context skipped.
+func TestTraceparentH2(t *testing.T) {
+	testutil.Need(t, exec.LookPath, "curl")
+	if out, err := exec.Command("curl", "-V").Output(); err != nil || !strings.Contains(string(out), "HTTP2") {
+		testutil.Unavailable(t, "this curl has no HTTP/2 (curl -V lists no HTTP2)")
+	}
+	for _, b := range builds {
+		t.Run(b.name, func(t *testing.T) {
+			c := start(t, b.prog)
+			if !c.status.ServerHTTP2 || slices.ContainsFunc(c.status.Skipped, func(s string) bool { return strings.Contains(s, "over HTTP/2") }) {
+				t.Fatalf("status %+v: want HTTP/2 served requests instrumented with their trace context", c.status)
+			}
+			const tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+			curl(t, "--http2-prior-knowledge", "-H", "traceparent: "+tp, "-H", "tracestate: a=b", c.url("/hello"))
+			curl(t, "--http2-prior-knowledge", "-H", "traceparent: "+strings.Replace(tp, "-01", "-00", 1), c.url("/users/1"))
+			curl(t, "--http2-prior-knowledge", c.url("/empty"))
+			byPath := map[string]fmhttp.ServerRequest{}
+			for _, s := range c.nServers(t, 3) {
+				byPath[s.Path] = s
+				if s.ProtocolVersion.String() != "2" {
+					t.Errorf("%s over %v, want HTTP/2", s.Path, s.ProtocolVersion)
+				}
+			}
+			for path, sampled := range map[string]bool{"/hello": true, "/users/1": false} {
+				s := byPath[path]
+				if s.Span.TraceID.String() != "4bf92f3577b34da6a3ce929d0e0e4736" || s.Span.ParentSpanID.String() != "00f067aa0ba902b7" ||
+					!s.Span.RemoteParent || s.Span.Sampled != sampled {
+					t.Errorf("%s: span %+v, want the child of %s, sampled %v", path, s.Span, tp, sampled)
+				}
+			}
+			if s := byPath["/empty"]; s.Span.RemoteParent || s.Span.ParentSpanID.IsValid() || !s.Span.TraceID.IsValid() {
+				t.Errorf("/empty: span %+v, want a root", s.Span)
+			}
+		})
+	}
 }
 
 // TestClientSpans: an outgoing request made by a handler is a child of the
 // handler's span, found by goroutine (/proxy) or by context from another
-// goroutine (/fanout); a failed request reports its error type.
+// goroutine (/fanout); a failed request reports its error type (read from
+// the program's type data, wherever the build puts it).
 func TestClientSpans(t *testing.T) {
-	c := start(t, testprog.HTTPServer)
+	for _, b := range builds {
+		t.Run(b.name, func(t *testing.T) { testClientSpans(t, b.prog) })
+	}
+}
+
+func testClientSpans(t *testing.T, prog testprog.Program) {
+	c := start(t, prog)
 	for _, p := range []string{"/proxy", "/fanout", "/refused"} {
 		resp, err := http.Get(c.url(p))
 		if err != nil {
@@ -509,38 +581,50 @@ func TestConcurrent(t *testing.T) {
 				t.Error(err)
 				return
 			}
-			io.Copy(io.Discard, resp.Body)
+			body, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			mu.Lock()
 			defer mu.Unlock()
 			if resp.StatusCode != w.status {
-				t.Errorf("%s: %d", w.path, resp.StatusCode)
+				t.Errorf("%s: %d %s", w.path, resp.StatusCode, bytes.TrimSpace(body))
 			}
 		})
 	}
 	wg.Wait()
 	spans, clients, lost := c.collectAll(t, n+proxies, proxies)
+	// Where the session counted losses (a kernel that preempts uprobe
+	// programs), a lost entry also leaves its relatives wrong: the client
+	// request of a /proxy whose server entry was lost starts a trace of
+	// its own, which the /hello it requests carries on; a connection whose
+	// tracking hit was missed is not propagated. Such anomalies are
+	// allowed up to twice the losses counted (and the requests whose trace
+	// context was not propagated), and logged; none where nothing was lost.
+	var anomalies []string
+	bad := func(format string, args ...any) { anomalies = append(anomalies, fmt.Sprintf(format, args...)) }
 	byTrace := map[trace.TraceID]fmhttp.ServerRequest{}
+	proxied := map[trace.TraceID]fmhttp.ServerRequest{} // the /hello each /proxy requested
 	for _, s := range spans {
 		if !s.Span.RemoteParent {
-			// The /hello a /proxy handler requested: no traceparent
-			// is injected, so it is a root.
-			if s.Path != "/hello" {
-				t.Errorf("root span for %s", s.Path)
-			}
+			bad("root span for %s", s.Path)
 			continue
 		}
 		w, ok := wants[s.Span.TraceID]
 		if !ok {
-			t.Errorf("span with unknown trace: %+v", s)
+			bad("span with unknown trace: %+v", s)
+			continue
+		}
+		if w.path == "/proxy" && s.Path == "/hello" {
+			// In the /proxy's trace, the child of its client span
+			// (propagation).
+			proxied[s.Span.TraceID] = s
 			continue
 		}
 		if _, dup := byTrace[s.Span.TraceID]; dup {
-			t.Errorf("two spans for %s", w.path)
+			bad("two spans for %s", w.path)
 		}
 		byTrace[s.Span.TraceID] = s
 		if s.Path != w.path || s.StatusCode != w.status {
-			t.Errorf("span for %s (%d) has %s (%d)", w.path, w.status, s.Path, s.StatusCode)
+			bad("span for %s (%d) has %s (%d)", w.path, w.status, s.Path, s.StatusCode)
 		}
 	}
 	if uint64(len(byTrace))+lost < n || lost == 0 && len(byTrace) != n {
@@ -552,7 +636,167 @@ func TestConcurrent(t *testing.T) {
 			continue // its /proxy span may be the one lost
 		}
 		if !ok || parent.Path != "/proxy" || parent.Span.SpanID != cl.Span.ParentSpanID {
-			t.Errorf("client span %+v not the child of its /proxy span", cl.Span)
+			bad("client span %+v not the child of its /proxy span", cl.Span)
+		}
+		if h, ok := proxied[cl.Span.TraceID]; (ok || lost == 0) && h.Span.ParentSpanID != cl.Span.SpanID {
+			bad("the /hello %+v a /proxy requested is not the child of its client span %+v", h.Span, cl.Span)
+		}
+	}
+	_, lostNow, evicted, missed := c.sessionStatsMissed(t)
+	ps := c.propagation(t)
+	budget := 2*(lostNow+evicted+missed) + ps.Failed + ps.Untracked
+	for _, a := range anomalies {
+		if lostNow+evicted+missed == 0 || uint64(len(anomalies)) > budget {
+			t.Error(a)
+		} else {
+			t.Log(a)
+		}
+	}
+	if len(anomalies) > 0 {
+		t.Logf("%d anomalies; the session counted %d lost, %d evicted, %d hits missed; propagation %+v", len(anomalies), lostNow, evicted, missed, ps)
+	}
+}
+
+// TestIDs: under hundreds of concurrent requests, every span ID and every
+// new trace ID is non-zero and unique, and they look random: no bit stuck,
+// no two close together (sequential), and nothing left to learn from one of
+// them by inverting the splitmix64 finalizer the probe once used on a
+// counter (whose output gave away the seed and so every other ID).
+func TestIDs(t *testing.T) {
+	c := start(t, testprog.HTTPServer)
+	const n = 400
+	tr := &http.Transport{MaxIdleConnsPerHost: 100}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr}
+	proxies := 0
+	var wg sync.WaitGroup
+	for i := range n {
+		path := fmt.Sprintf("/users/%d", i)
+		if i%4 == 3 {
+			path = "/proxy" // a client span, and a root /hello
+			proxies++
+		}
+		wg.Go(func() {
+			resp, err := client.Get(c.url(path))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		})
+	}
+	wg.Wait()
+	srv, cli, _ := c.collectAll(t, n+proxies, proxies)
+	var spans []uint64
+	var traces []trace.TraceID
+	for _, s := range srv {
+		spans = append(spans, binary.BigEndian.Uint64(s.Span.SpanID[:]))
+		// Every served request here is a root, but the /hello a /proxy
+		// requests, which continues its trace (propagation).
+		if !s.Span.RemoteParent {
+			traces = append(traces, s.Span.TraceID)
+		}
+	}
+	for _, cl := range cli {
+		spans = append(spans, binary.BigEndian.Uint64(cl.Span.SpanID[:]))
+	}
+	if len(spans) < n {
+		t.Fatalf("only %d spans", len(spans))
+	}
+	seenTrace := map[trace.TraceID]bool{}
+	related := 0
+	for _, tid := range traces {
+		if !tid.IsValid() {
+			t.Errorf("zero trace ID")
+		}
+		if seenTrace[tid] {
+			t.Errorf("trace ID %v twice", tid)
+		}
+		seenTrace[tid] = true
+		// The two halves of a trace ID are independent draws.
+		lo, hi := binary.LittleEndian.Uint64(tid[:8]), binary.LittleEndian.Uint64(tid[8:])
+		if d := unmix64(lo) ^ unmix64(hi); d < 1<<32 {
+			related++
+			if related == 1 {
+				t.Errorf("trace ID %v: its halves unmix to values %#x apart", tid, d)
+			}
+		}
+	}
+	if related > 0 {
+		t.Errorf("%d of %d trace IDs have related halves", related, len(traces))
+	}
+	checkRandom(t, "span", spans)
+	var halves []uint64
+	for _, tid := range traces {
+		halves = append(halves, binary.BigEndian.Uint64(tid[:8]), binary.BigEndian.Uint64(tid[8:]))
+	}
+	checkRandom(t, "trace ID half", halves)
+}
+
+// checkRandom fails t unless ids are non-zero, distinct, not close to one
+// another, have every bit set in about half of them, and do not share their
+// high bits once unmixed (splitmix64 of a seed xor a counter).
+func checkRandom(t *testing.T, what string, ids []uint64) {
+	t.Helper()
+	sorted := slices.Clone(ids)
+	slices.Sort(sorted)
+	for i, v := range sorted {
+		if v == 0 {
+			t.Errorf("%s ID 0", what)
+		}
+		if i > 0 && v-sorted[i-1] < 1<<24 {
+			t.Errorf("%s IDs %#x and %#x: %d apart", what, sorted[i-1], v, v-sorted[i-1])
+		}
+	}
+	for b := range 64 {
+		set := 0
+		for _, v := range ids {
+			set += int(v >> b & 1)
+		}
+		if set*10 < len(ids)*3 || set*10 > len(ids)*7 {
+			t.Errorf("%s IDs: bit %d set in %d of %d", what, b, set, len(ids))
+		}
+	}
+	top := map[uint64]bool{}
+	for _, v := range ids {
+		top[unmix64(v)>>52] = true
+	}
+	if len(top) < 16 {
+		t.Errorf("%s IDs: unmixed, %d IDs share %d values of their top 12 bits", what, len(ids), len(top))
+	}
+}
+
+// unmix64 inverts splitmix64's finalizer (z += golden; z = (z^z>>30)*m1;
+// z = (z^z>>27)*m2; z ^= z>>31).
+func unmix64(z uint64) uint64 {
+	z = unshift(z, 31)
+	z *= 0x319642b2d24d8ec3 // inverse of 0x94d049bb133111eb
+	z = unshift(z, 27)
+	z *= 0x96de1b173f119089 // inverse of 0xbf58476d1ce4e5b9
+	z = unshift(z, 30)
+	return z - 0x9e3779b97f4a7c15
+}
+
+// unshift inverts z ^= z >> s.
+func unshift(z uint64, s uint) uint64 {
+	x := z
+	for range 64 / s {
+		x = z ^ x>>s
+	}
+	return x
+}
+
+func TestUnmix64(t *testing.T) {
+	mix := func(z uint64) uint64 {
+		z += 0x9e3779b97f4a7c15
+		z = (z ^ z>>30) * 0xbf58476d1ce4e5b9
+		z = (z ^ z>>27) * 0x94d049bb133111eb
+		return z ^ z>>31
+	}
+	for _, v := range []uint64{0, 1, 42, 1 << 63, ^uint64(0), 0x123456789abcdef} {
+		if got := unmix64(mix(v)); got != v {
+			t.Errorf("unmix64(mix64(%#x)) = %#x", v, got)
 		}
 	}
 }

@@ -22,10 +22,28 @@ type httpBPFConnCache struct {
 	Peer    [48]int8
 }
 
-type httpBPFFmIdState struct {
-	_     structs.HostLayout
-	Depth uint64
-	Count [4]uint64
+type httpBPFH2Ctx struct {
+	_            structs.HostLayout
+	StartNs      uint64
+	ParentSpanId uint64
+	StreamId     uint32
+	Flags        uint8
+	Pad          [3]uint8
+	TraceId      [16]uint8
+	Ts           httpBPFTracestate
+}
+
+type httpBPFH2Scratch struct {
+	_      structs.HostLayout
+	C      httpBPFH2Ctx
+	Fields [4112]int8
+	Name   [16]int8
+	Tp     [64]int8
+	N      uint32
+	TpI    int32
+	TsI    int32
+	Pad    uint32
+	Gen    uint64
 }
 
 type httpBPFHttpEvent struct {
@@ -47,10 +65,13 @@ type httpBPFHttpEvent struct {
 	MethodLen    uint8
 	HostLen      uint8
 	PeerLen      uint8
-	Pad          uint8
+	Prop         uint8
 	PathLen      uint16
 	RouteLen     uint16
-	Pad2         uint32
+	ProtoMajor   uint8
+	ProtoMinor   uint8
+	Scheme       uint8
+	Pad2         uint8
 	Method       [16]int8
 	Host         [64]int8
 	Peer         [48]int8
@@ -86,21 +107,57 @@ type httpBPFHttpOffsets struct {
 	CtxWalk          uint64
 	ReqUri           uint64
 	ResponseLo       uint64
+	ResponseMajor    uint64
 	CtxRoot          uint64
 	RoLo             uint64
 	RoHi             uint64
+	PcConn           uint64
+	TcpconnFd        uint64
+	NetfdSysfd       uint64
+	TcpconnItab      uint64
+	TcpconnType      uint64
+	TlsconnItab      uint64
+	TlsconnType      uint64
+	ReqTls           uint64
+	ReqProtoMajor    uint64
+	ReqProtoMinor    uint64
+	UrlScheme        uint64
+	ResponseMinor    uint64
+	H2Itab           uint64
+	H2Rws            uint64
+	H2Lo             uint64
+	H2Status         uint64
+	H2Written        uint64
+	H2Stream         uint64
+	H2StreamId       uint64
+	H2Fields         uint64
+	H2HfSize         uint64
+	H2HfName         uint64
+	H2HfValue        uint64
+}
+
+type httpBPFInjectReq struct {
+	_       structs.HostLayout
+	G       uint64
+	SpanId  uint64
+	TsSpan  uint64
+	StartNs uint64
+	Tp      [72]int8
 }
 
 type httpBPFScratch struct {
-	_      structs.HostLayout
-	S      httpBPFServerState
-	Cc     httpBPFConnCache
-	Req    [528]int8
-	Url    [528]int8
-	Hdr    [8192]int8
-	HdrLen uint32
-	Found  int32
-	Gen    uint64
+	_       structs.HostLayout
+	S       httpBPFServerState
+	Cc      httpBPFConnCache
+	Req     [528]int8
+	Url     [528]int8
+	Hdr     [8192]int8
+	HdrLen  uint32
+	Found   int32
+	FoundTs int32
+	Pad     uint32
+	Ts      httpBPFTracestate
+	Gen     uint64
 }
 
 type httpBPFServerState struct {
@@ -109,12 +166,38 @@ type httpBPFServerState struct {
 	Req  uint64
 	Resp uint64
 	Ctx  uint64
+	H2   uint64
+}
+
+type httpBPFSockState struct {
+	_     structs.HostLayout
+	T     httpBPFSockTuple
+	State uint32
+	Pad   uint32
+}
+
+type httpBPFSockTuple struct {
+	_      structs.HostLayout
+	Family uint32
+	Lport  uint16
+	Rport  uint16
+	Laddr  [16]uint8
+	Raddr  [16]uint8
 }
 
 type httpBPFSpanCtx struct {
 	_       structs.HostLayout
 	TraceId [16]uint8
 	SpanId  uint64
+	Flags   uint8
+	Pad     [7]uint8
+}
+
+type httpBPFTracestate struct {
+	_   structs.HostLayout
+	Len uint32
+	Pad uint32
+	V   [512]int8
 }
 
 // Names of all BPF objects in the ELF.
@@ -125,22 +208,32 @@ const (
 	httpBPFMapConns             = "conns"
 	httpBPFMapCounters          = "counters"
 	httpBPFMapEvents            = "events"
-	httpBPFMapFmIds             = "fm_ids"
+	httpBPFMapGoNoPrivStack     = "go_no_priv_stack"
+	httpBPFMapH2Ctxs            = "h2_ctxs"
+	httpBPFMapH2scratch         = "h2scratch"
+	httpBPFMapInject            = "inject"
 	httpBPFMapScopeCgroup       = "scope_cgroup"
 	httpBPFMapScratch           = "scratch"
 	httpBPFMapServerCtxs        = "server_ctxs"
 	httpBPFMapServers           = "servers"
+	httpBPFMapSocks             = "socks"
+	httpBPFMapTracestates       = "tracestates"
 	httpBPFProgClientEnter      = "client_enter"
 	httpBPFProgClientReturn     = "client_return"
+	httpBPFProgH2Headers        = "h2_headers"
+	httpBPFProgPconnEnter       = "pconn_enter"
 	httpBPFProgServerEnter      = "server_enter"
 	httpBPFProgServerReturn     = "server_return"
 	httpBPFVarFmScopeKind       = "fm_scope_kind"
 	httpBPFVarFmScopeTgid       = "fm_scope_tgid"
 	httpBPFVarFmWakeupBytes     = "fm_wakeup_bytes"
-	httpBPFVarIdSeed            = "id_seed"
 	httpBPFVarOff               = "off"
+	httpBPFVarPropagate         = "propagate"
+	httpBPFVarUnusedH2Ctx       = "unused_h2_ctx"
 	httpBPFVarUnusedHttpEvent   = "unused_http_event"
 	httpBPFVarUnusedHttpOffsets = "unused_http_offsets"
+	httpBPFVarUnusedInjectReq   = "unused_inject_req"
+	httpBPFVarUnusedSockState   = "unused_sock_state"
 )
 
 // loadHttpBPF returns the embedded CollectionSpec for httpBPF.
@@ -187,6 +280,8 @@ type httpBPFSpecs struct {
 type httpBPFProgramSpecs struct {
 	ClientEnter  *ebpf.ProgramSpec `ebpf:"client_enter"`
 	ClientReturn *ebpf.ProgramSpec `ebpf:"client_return"`
+	H2Headers    *ebpf.ProgramSpec `ebpf:"h2_headers"`
+	PconnEnter   *ebpf.ProgramSpec `ebpf:"pconn_enter"`
 	ServerEnter  *ebpf.ProgramSpec `ebpf:"server_enter"`
 	ServerReturn *ebpf.ProgramSpec `ebpf:"server_return"`
 }
@@ -195,15 +290,20 @@ type httpBPFProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type httpBPFMapSpecs struct {
-	Clients     *ebpf.MapSpec `ebpf:"clients"`
-	Conns       *ebpf.MapSpec `ebpf:"conns"`
-	Counters    *ebpf.MapSpec `ebpf:"counters"`
-	Events      *ebpf.MapSpec `ebpf:"events"`
-	FmIds       *ebpf.MapSpec `ebpf:"fm_ids"`
-	ScopeCgroup *ebpf.MapSpec `ebpf:"scope_cgroup"`
-	Scratch     *ebpf.MapSpec `ebpf:"scratch"`
-	ServerCtxs  *ebpf.MapSpec `ebpf:"server_ctxs"`
-	Servers     *ebpf.MapSpec `ebpf:"servers"`
+	Clients       *ebpf.MapSpec `ebpf:"clients"`
+	Conns         *ebpf.MapSpec `ebpf:"conns"`
+	Counters      *ebpf.MapSpec `ebpf:"counters"`
+	Events        *ebpf.MapSpec `ebpf:"events"`
+	GoNoPrivStack *ebpf.MapSpec `ebpf:"go_no_priv_stack"`
+	H2Ctxs        *ebpf.MapSpec `ebpf:"h2_ctxs"`
+	H2scratch     *ebpf.MapSpec `ebpf:"h2scratch"`
+	Inject        *ebpf.MapSpec `ebpf:"inject"`
+	ScopeCgroup   *ebpf.MapSpec `ebpf:"scope_cgroup"`
+	Scratch       *ebpf.MapSpec `ebpf:"scratch"`
+	ServerCtxs    *ebpf.MapSpec `ebpf:"server_ctxs"`
+	Servers       *ebpf.MapSpec `ebpf:"servers"`
+	Socks         *ebpf.MapSpec `ebpf:"socks"`
+	Tracestates   *ebpf.MapSpec `ebpf:"tracestates"`
 }
 
 // httpBPFVariableSpecs contains global variables before they are loaded into the kernel.
@@ -213,10 +313,13 @@ type httpBPFVariableSpecs struct {
 	FmScopeKind       *ebpf.VariableSpec `ebpf:"fm_scope_kind"`
 	FmScopeTgid       *ebpf.VariableSpec `ebpf:"fm_scope_tgid"`
 	FmWakeupBytes     *ebpf.VariableSpec `ebpf:"fm_wakeup_bytes"`
-	IdSeed            *ebpf.VariableSpec `ebpf:"id_seed"`
 	Off               *ebpf.VariableSpec `ebpf:"off"`
+	Propagate         *ebpf.VariableSpec `ebpf:"propagate"`
+	UnusedH2Ctx       *ebpf.VariableSpec `ebpf:"unused_h2_ctx"`
 	UnusedHttpEvent   *ebpf.VariableSpec `ebpf:"unused_http_event"`
 	UnusedHttpOffsets *ebpf.VariableSpec `ebpf:"unused_http_offsets"`
+	UnusedInjectReq   *ebpf.VariableSpec `ebpf:"unused_inject_req"`
+	UnusedSockState   *ebpf.VariableSpec `ebpf:"unused_sock_state"`
 }
 
 // httpBPFObjects contains all objects after they have been loaded into the kernel.
@@ -239,15 +342,20 @@ func (o *httpBPFObjects) Close() error {
 //
 // It can be passed to loadHttpBPFObjects or ebpf.CollectionSpec.LoadAndAssign.
 type httpBPFMaps struct {
-	Clients     *ebpf.Map `ebpf:"clients"`
-	Conns       *ebpf.Map `ebpf:"conns"`
-	Counters    *ebpf.Map `ebpf:"counters"`
-	Events      *ebpf.Map `ebpf:"events"`
-	FmIds       *ebpf.Map `ebpf:"fm_ids"`
-	ScopeCgroup *ebpf.Map `ebpf:"scope_cgroup"`
-	Scratch     *ebpf.Map `ebpf:"scratch"`
-	ServerCtxs  *ebpf.Map `ebpf:"server_ctxs"`
-	Servers     *ebpf.Map `ebpf:"servers"`
+	Clients       *ebpf.Map `ebpf:"clients"`
+	Conns         *ebpf.Map `ebpf:"conns"`
+	Counters      *ebpf.Map `ebpf:"counters"`
+	Events        *ebpf.Map `ebpf:"events"`
+	GoNoPrivStack *ebpf.Map `ebpf:"go_no_priv_stack"`
+	H2Ctxs        *ebpf.Map `ebpf:"h2_ctxs"`
+	H2scratch     *ebpf.Map `ebpf:"h2scratch"`
+	Inject        *ebpf.Map `ebpf:"inject"`
+	ScopeCgroup   *ebpf.Map `ebpf:"scope_cgroup"`
+	Scratch       *ebpf.Map `ebpf:"scratch"`
+	ServerCtxs    *ebpf.Map `ebpf:"server_ctxs"`
+	Servers       *ebpf.Map `ebpf:"servers"`
+	Socks         *ebpf.Map `ebpf:"socks"`
+	Tracestates   *ebpf.Map `ebpf:"tracestates"`
 }
 
 func (m *httpBPFMaps) Close() error {
@@ -256,11 +364,16 @@ func (m *httpBPFMaps) Close() error {
 		m.Conns,
 		m.Counters,
 		m.Events,
-		m.FmIds,
+		m.GoNoPrivStack,
+		m.H2Ctxs,
+		m.H2scratch,
+		m.Inject,
 		m.ScopeCgroup,
 		m.Scratch,
 		m.ServerCtxs,
 		m.Servers,
+		m.Socks,
+		m.Tracestates,
 	)
 }
 
@@ -271,10 +384,13 @@ type httpBPFVariables struct {
 	FmScopeKind       *ebpf.Variable `ebpf:"fm_scope_kind"`
 	FmScopeTgid       *ebpf.Variable `ebpf:"fm_scope_tgid"`
 	FmWakeupBytes     *ebpf.Variable `ebpf:"fm_wakeup_bytes"`
-	IdSeed            *ebpf.Variable `ebpf:"id_seed"`
 	Off               *ebpf.Variable `ebpf:"off"`
+	Propagate         *ebpf.Variable `ebpf:"propagate"`
+	UnusedH2Ctx       *ebpf.Variable `ebpf:"unused_h2_ctx"`
 	UnusedHttpEvent   *ebpf.Variable `ebpf:"unused_http_event"`
 	UnusedHttpOffsets *ebpf.Variable `ebpf:"unused_http_offsets"`
+	UnusedInjectReq   *ebpf.Variable `ebpf:"unused_inject_req"`
+	UnusedSockState   *ebpf.Variable `ebpf:"unused_sock_state"`
 }
 
 // httpBPFPrograms contains all programs after they have been loaded into the kernel.
@@ -283,6 +399,8 @@ type httpBPFVariables struct {
 type httpBPFPrograms struct {
 	ClientEnter  *ebpf.Program `ebpf:"client_enter"`
 	ClientReturn *ebpf.Program `ebpf:"client_return"`
+	H2Headers    *ebpf.Program `ebpf:"h2_headers"`
+	PconnEnter   *ebpf.Program `ebpf:"pconn_enter"`
 	ServerEnter  *ebpf.Program `ebpf:"server_enter"`
 	ServerReturn *ebpf.Program `ebpf:"server_return"`
 }
@@ -291,6 +409,8 @@ func (p *httpBPFPrograms) Close() error {
 	return _HttpBPFClose(
 		p.ClientEnter,
 		p.ClientReturn,
+		p.H2Headers,
+		p.PconnEnter,
 		p.ServerEnter,
 		p.ServerReturn,
 	)

@@ -10,7 +10,7 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 func boot(ns uint64) time.Time { return time.Unix(1_700_000_000, 0).Add(time.Duration(ns)) }
@@ -198,16 +198,11 @@ func FuzzDecode(f *testing.F) {
 // attachmentForBench is an attachment without kernel objects, publishing
 // to a bus with one subscriber per event type that is drained.
 func attachmentForBench(b *testing.B) *attachment {
-	bus := probes.NewBus()
-	a := &attachment{
-		dec:   decoder{boot: boot},
-		execs: probes.Produce[Exec](bus),
-		exits: probes.Produce[Exit](bus),
-		forks: probes.Produce[Fork](bus),
-	}
-	se, _ := probes.Subscribe[Exec](bus, 1024)
-	sx, _ := probes.Subscribe[Exit](bus, 1024)
-	sf, _ := probes.Subscribe[Fork](bus, 1024)
+	bus := probe.NewBus()
+	a := busAttachment(bus)
+	se, _ := probe.Subscribe[Exec](bus, 1024)
+	sx, _ := probe.Subscribe[Exit](bus, 1024)
+	sf, _ := probe.Subscribe[Fork](bus, 1024)
 	done := make(chan struct{})
 	go func() {
 		for {
@@ -250,5 +245,42 @@ func BenchmarkHandleExec(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		a.handle(raw)
+	}
+}
+
+// Records that cannot be decoded are counted, never silently dropped, and
+// never published.
+func TestMalformedCounted(t *testing.T) {
+	bus := probe.NewBus()
+	defer bus.Close()
+	a := busAttachment(bus)
+	se, _ := probe.Subscribe[Exec](bus, 16)
+	good := execRecord("/bin/true", "true\x00", 5, false)
+	h := header(kindFork)
+	h.Kind = 0x7f
+	unknown := hdrRecord(h)
+	if k, err := a.dec.kind(unknown); err == nil {
+		t.Fatalf("kind of the corrupted record: %d, want an error: the test proves nothing", k)
+	}
+	for _, raw := range [][]byte{nil, {1, 2}, unknown, good[:execFixed-1]} {
+		a.handle(raw)
+	}
+	if n := a.malformed.Load(); n != 4 {
+		t.Errorf("malformed: %d, want 4", n)
+	}
+	a.handle(good)
+	if n := a.malformed.Load(); n != 4 || len(se.C()) != 1 {
+		t.Errorf("after a good exec: malformed %d, %d execs published; want 4 and 1", n, len(se.C()))
+	}
+}
+
+// busAttachment is an attachment without kernel objects that publishes on
+// bus.
+func busAttachment(bus *probe.Bus) *attachment {
+	return &attachment{
+		dec:   decoder{boot: boot},
+		execs: probe.Produce[Exec](bus),
+		exits: probe.Produce[Exit](bus),
+		forks: probe.Produce[Fork](bus),
 	}
 }

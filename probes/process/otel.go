@@ -14,7 +14,7 @@ import (
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"golang.org/x/sys/unix"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 // WithLogRecords makes the exporter (flowmill.NewExporter) emit one
@@ -48,7 +48,7 @@ const (
 )
 
 // Telemetry maps the probe's events to OpenTelemetry; flowmill.NewExporter
-// calls it (see probes.Telemetry).
+// calls it (see probe.Telemetry).
 //
 // Metrics: process.exec counts execs by process.executable.name, and
 // process.exit counts exits by process.exit.code, or by
@@ -58,7 +58,7 @@ const (
 // reports it. process.pid is added only with flowmill.AttrPID. With
 // WithLogRecords, each exec and exit is also a log record. Fork events are
 // not subscribed to, so the probe does not decode them for the exporter.
-func (p *Probe) Telemetry(env *probes.TelemetryEnv) (probes.Recorder, error) {
+func (p *Probe) Telemetry(env *probe.TelemetryEnv) (probe.Recorder, error) {
 	r := &recorder{
 		logs:   p.logs,
 		logger: env.Logger,
@@ -69,10 +69,10 @@ func (p *Probe) Telemetry(env *probes.TelemetryEnv) (probes.Recorder, error) {
 		return nil, fmt.Errorf("process: %w", err)
 	}
 	var err error
-	if r.execSub, err = probes.Subscribe[Exec](env.Bus, env.Buffer); err != nil {
+	if r.execSub, err = probe.Subscribe[Exec](env.Bus, env.Buffer); err != nil {
 		return nil, fmt.Errorf("process: %w", err)
 	}
-	if r.exitSub, err = probes.Subscribe[Exit](env.Bus, env.Buffer); err != nil {
+	if r.exitSub, err = probe.Subscribe[Exit](env.Bus, env.Buffer); err != nil {
 		r.execSub.Close()
 		return nil, fmt.Errorf("process: %w", err)
 	}
@@ -82,12 +82,12 @@ func (p *Probe) Telemetry(env *probes.TelemetryEnv) (probes.Recorder, error) {
 type recorder struct {
 	logs   bool
 	logger log.Logger
-	attrs  probes.Attributes
+	attrs  probe.Attributes
 
 	execs, exits metric.Int64Counter
 
-	execSub *probes.Sub[Exec]
-	exitSub *probes.Sub[Exit]
+	execSub *probe.Sub[Exec]
+	exitSub *probe.Sub[Exit]
 
 	// Used by Run's goroutine only: the metric attributes of each
 	// distinct key, as ready option slices (passing one option to a
@@ -214,10 +214,10 @@ func (r *recorder) recordExit(e *Exit) {
 
 // pick fills the fields of k that the selected attribute groups use.
 func (r *recorder) pick(k *setKey, p *Process) {
-	if r.attrs.Has(probes.AttrExecutable) {
+	if r.attrs.Has(probe.AttrExecutable) {
 		k.comm = p.Comm
 	}
-	if r.attrs.Has(probes.AttrPID) {
+	if r.attrs.Has(probe.AttrPID) {
 		k.pid = p.PID
 	}
 }
@@ -231,10 +231,10 @@ func (r *recorder) set(k setKey) []metric.AddOption {
 		clear(r.sets)
 	}
 	kv := make([]attribute.KeyValue, 0, 3)
-	if r.attrs.Has(probes.AttrExecutable) {
+	if r.attrs.Has(probe.AttrExecutable) {
 		kv = append(kv, semconv.ProcessExecutableName(k.comm))
 	}
-	if r.attrs.Has(probes.AttrPID) {
+	if r.attrs.Has(probe.AttrPID) {
 		kv = append(kv, semconv.ProcessPID(int(k.pid)))
 	}
 	if k.exit {
@@ -317,4 +317,4 @@ func exitLogRecord(e *Exit) log.Record {
 	return rec
 }
 
-var _ probes.Telemetry = (*Probe)(nil)
+var _ probe.Telemetry = (*Probe)(nil)

@@ -16,7 +16,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/metric/metricdata/metricdatatest"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 // disabledLogger is a Logger whose provider wants no records.
@@ -62,19 +62,19 @@ func recordAttrs(r *sdklog.Record) attribute.Set {
 // harness drives the process mapping with synthetic events on a bus,
 // without eBPF.
 type harness struct {
-	execs  *probes.Topic[Exec]
-	exits  *probes.Topic[Exit]
+	execs  *probe.Topic[Exec]
+	exits  *probe.Topic[Exit]
 	reader *sdkmetric.ManualReader
 	logs   *memLogs
 	rec    *recorder
 }
 
-func newHarness(t testing.TB, attrs probes.Attributes, opts ...Option) *harness {
+func newHarness(t testing.TB, attrs probe.Attributes, opts ...Option) *harness {
 	t.Helper()
-	bus := probes.NewBus()
+	bus := probe.NewBus()
 	h := &harness{
-		execs:  probes.Produce[Exec](bus),
-		exits:  probes.Produce[Exit](bus),
+		execs:  probe.Produce[Exec](bus),
+		exits:  probe.Produce[Exit](bus),
 		reader: sdkmetric.NewManualReader(),
 		logs:   &memLogs{},
 	}
@@ -85,7 +85,7 @@ func newHarness(t testing.TB, attrs probes.Attributes, opts ...Option) *harness 
 		_ = mp.Shutdown(context.Background())
 		_ = lp.Shutdown(context.Background())
 	})
-	r, err := New(opts...).Telemetry(&probes.TelemetryEnv{
+	r, err := New(opts...).Telemetry(&probe.TelemetryEnv{
 		Bus: bus, Buffer: 1 << 16, Meter: mp.Meter("test"), Logger: lp.Logger("test"), Attributes: attrs,
 	})
 	if err != nil {
@@ -137,7 +137,7 @@ var (
 )
 
 func TestCountsByExecutableAndExitStatus(t *testing.T) {
-	h := newHarness(t, probes.DefaultAttributes)
+	h := newHarness(t, probe.DefaultAttributes)
 	h.execs.Publish(&Exec{Time: at, Process: shP, TID: 100, Filename: "/bin/sh", Argv: []string{"/bin/sh", "-c", "exit 3"}})
 	for i := range 3 {
 		p := truP
@@ -167,16 +167,16 @@ func TestCountsByExecutableAndExitStatus(t *testing.T) {
 
 func TestAttributeGroups(t *testing.T) {
 	for _, tc := range []struct {
-		attrs      probes.Attributes
+		attrs      probe.Attributes
 		exec, exit []attribute.KeyValue
 	}{
-		{probes.DefaultAttributes,
+		{probe.DefaultAttributes,
 			[]attribute.KeyValue{semconv.ProcessExecutableName("sh")},
 			[]attribute.KeyValue{semconv.ProcessExecutableName("sh"), semconv.ProcessExitCode(3)}},
-		{probes.DefaultAttributes | probes.AttrPID,
+		{probe.DefaultAttributes | probe.AttrPID,
 			[]attribute.KeyValue{semconv.ProcessExecutableName("sh"), semconv.ProcessPID(100)},
 			[]attribute.KeyValue{semconv.ProcessExecutableName("sh"), semconv.ProcessPID(100), semconv.ProcessExitCode(3)}},
-		{probes.AttrPeerAddress | probes.AttrServerPort, // no process group: no process attributes
+		{probe.AttrPeerAddress | probe.AttrServerPort, // no process group: no process attributes
 			nil,
 			[]attribute.KeyValue{semconv.ProcessExitCode(3)}},
 	} {
@@ -190,7 +190,7 @@ func TestAttributeGroups(t *testing.T) {
 }
 
 func TestLogRecords(t *testing.T) {
-	h := newHarness(t, probes.DefaultAttributes, WithLogRecords())
+	h := newHarness(t, probe.DefaultAttributes, WithLogRecords())
 	h.execs.Publish(&Exec{Time: at, Process: shP, TID: 100, Filename: "/bin/sh", Argv: []string{"/bin/sh", "-c", "exit 3"}, ArgvTruncated: true})
 	h.exits.Publish(&Exit{Time: at.Add(1500 * time.Millisecond), Process: shP, ExitCode: 3, Lifetime: 2 * time.Second})
 	h.exits.Publish(&Exit{Time: at, Process: truP, ExitCode: -1, Signal: syscall.SIGSEGV, CoreDumped: true, Lifetime: time.Millisecond})
@@ -235,7 +235,7 @@ func TestLogRecords(t *testing.T) {
 // An exit is recorded after the execs published before it, whatever the
 // order in which Run reads its two channels.
 func TestExecBeforeExit(t *testing.T) {
-	h := newHarness(t, probes.DefaultAttributes, WithLogRecords())
+	h := newHarness(t, probe.DefaultAttributes, WithLogRecords())
 	const n = 300
 	for i := range uint32(n) {
 		p := truP
@@ -272,7 +272,7 @@ func TestExecBeforeExit(t *testing.T) {
 
 // Records are not built when the LoggerProvider does not want them.
 func TestLogRecordsDisabled(t *testing.T) {
-	h := newHarness(t, probes.DefaultAttributes, WithLogRecords())
+	h := newHarness(t, probe.DefaultAttributes, WithLogRecords())
 	h.rec.logger = disabledLogger{h.rec.logger}
 	h.execs.Publish(&Exec{Time: at, Process: shP, Filename: "/bin/sh"})
 	h.run(t)
@@ -284,7 +284,7 @@ func TestLogRecordsDisabled(t *testing.T) {
 }
 
 func TestAttributeSetCacheIsBounded(t *testing.T) {
-	h := newHarness(t, probes.DefaultAttributes|probes.AttrPID)
+	h := newHarness(t, probe.DefaultAttributes|probe.AttrPID)
 	for i := range uint32(3 * maxSets) {
 		p := truP
 		p.PID = i
@@ -316,7 +316,7 @@ func TestSignalName(t *testing.T) {
 // BenchmarkRecordExecExit measures recording one exec and one exit into
 // the SDK's metrics, the default: no log records.
 func BenchmarkRecordExecExit(b *testing.B) {
-	h := newHarness(b, probes.DefaultAttributes)
+	h := newHarness(b, probe.DefaultAttributes)
 	r := h.rec
 	ex := Exec{Time: at, Process: truP, Filename: "/bin/true", Argv: []string{"/bin/true"}}
 	ext := Exit{Time: at, Process: truP, Lifetime: time.Millisecond}
@@ -331,7 +331,7 @@ func BenchmarkRecordExecExit(b *testing.B) {
 // WithLogRecords, into an SDK LoggerProvider with a simple processor and
 // an exporter that discards the records.
 func BenchmarkRecordExecExitLogRecords(b *testing.B) {
-	h := newHarness(b, probes.DefaultAttributes, WithLogRecords())
+	h := newHarness(b, probe.DefaultAttributes, WithLogRecords())
 	h.logs.discard = true
 	r := h.rec
 	ex := Exec{Time: at, Process: truP, Filename: "/bin/true", Argv: []string{"/bin/true", "a", "b"}}

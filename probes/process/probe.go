@@ -25,20 +25,27 @@
 // exit does not allocate; an exec allocates its Argv.
 package process
 
+import "github.com/flowmill/flowmill/internal/probe"
+
 // Option configures the probe.
 type Option func(*Probe)
 
 // WithMaxProcesses bounds the kernel's table of the process tree followed
 // in the default (process) scope (default 16384 processes). It is unused in
-// host and cgroup scope.
+// host and cgroup scope. At most 1<<22.
 func WithMaxProcesses(n int) Option {
-	return func(p *Probe) { p.maxProcs = uint32(n) }
+	return func(p *Probe) {
+		if p.opts.Int("process.WithMaxProcesses", n, 1, 1<<22) {
+			p.maxProcs = uint32(n)
+		}
+	}
 }
 
 // Probe is the process probe family. Create it with New.
 type Probe struct {
 	maxProcs uint32
 	logs     bool // WithLogRecords
+	opts     probe.Options
 }
 
 // New returns the process probe, to pass to flowmill.WithProbes. It
@@ -46,6 +53,10 @@ type Probe struct {
 func New(opts ...Option) *Probe {
 	p := &Probe{maxProcs: 16384}
 	for _, o := range opts {
+		if o == nil {
+			p.opts.NilOption("process")
+			continue
+		}
 		o(p)
 	}
 	return p
@@ -53,3 +64,12 @@ func New(opts ...Option) *Probe {
 
 // Name returns "process".
 func (p *Probe) Name() string { return "process" }
+
+// Prepare reports invalid options and declares the event types; the
+// session calls it (see flowmill.New).
+func (p *Probe) Prepare(b *probe.Bus) error {
+	probe.Produce[Exec](b)
+	probe.Produce[Exit](b)
+	probe.Produce[Fork](b)
+	return p.opts.Err()
+}

@@ -2,13 +2,14 @@ package process
 
 import (
 	"fmt"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/flowmill/flowmill/internal/bpfload"
+	"github.com/flowmill/flowmill/internal/probe"
 	"github.com/flowmill/flowmill/internal/proctree"
-	"github.com/flowmill/flowmill/probes"
 )
 
 // Counter slots (bpf/include/flowmill.h, bpf/process.c).
@@ -19,7 +20,7 @@ const (
 )
 
 // Attach loads and attaches the probe. It is called by flowmill.Start.
-func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
+func (p *Probe) Attach(env *probe.Env) (probe.Attachment, error) {
 	if p.maxProcs == 0 {
 		return nil, fmt.Errorf("process: WithMaxProcesses must be positive")
 	}
@@ -33,14 +34,14 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 	spec.Maps["tracked"].MaxEntries = p.maxProcs
 	a := &attachment{
 		dec:   decoder{boot: env.BootTime},
-		execs: probes.Produce[Exec](env.Bus),
-		exits: probes.Produce[Exit](env.Bus),
-		forks: probes.Produce[Fork](env.Bus),
+		execs: probe.Produce[Exec](env.Bus),
+		exits: probe.Produce[Exit](env.Bus),
+		forks: probe.Produce[Fork](env.Bus),
 	}
 	if err := bpfload.Load(spec, env, &a.objs, func() *ebpf.Map { return a.objs.ScopeCgroup }); err != nil {
 		return nil, fmt.Errorf("process: %w", err)
 	}
-	if env.Scope.Kind == probes.ScopeProcess {
+	if env.Scope.Kind == probe.ScopeProcess {
 		if err := a.objs.Tracked.Put(env.Scope.PID, uint8(1)); err != nil {
 			a.objs.Close()
 			return nil, fmt.Errorf("process: tracking process %d: %w", env.Scope.PID, err)
@@ -50,14 +51,18 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 		// Fork first, so that the tree is followed before anything else
 		// is reported.
 		bpfload.RawTracepoint{Name: "sched_process_fork", Program: a.objs.OnFork},
+		// Two programs for exits (PT_EXIT_PROGRAMS in
+		// bpf/include/proctree.h): a thread the kernel skips in one
+		// is seen by the other.
 		bpfload.RawTracepoint{Name: "sched_process_exit", Program: a.objs.OnExit},
+		bpfload.RawTracepoint{Name: "sched_process_exit", Program: a.objs.OnExitAgain},
 		bpfload.RawTracepoint{Name: "sched_process_exec", Program: a.objs.OnExec},
 	)
 	if err != nil {
 		a.objs.Close()
 		return nil, fmt.Errorf("process: %w", err)
 	}
-	if env.Scope.Kind == probes.ScopeProcess {
+	if env.Scope.Kind == probe.ScopeProcess {
 		if err := proctree.Seed(a.objs.Tracked, env.Scope.PID); err != nil {
 			a.Close()
 			return nil, fmt.Errorf("process: %w", err)
@@ -71,11 +76,12 @@ type attachment struct {
 	links []link.Link
 	dec   decoder
 
-	execs *probes.Topic[Exec]
-	exits *probes.Topic[Exit]
-	forks *probes.Topic[Fork]
+	execs *probe.Topic[Exec]
+	exits *probe.Topic[Exit]
+	forks *probe.Topic[Fork]
 
-	exited recentExits
+	exited    recentExits
+	malformed atomic.Uint64 // records that could not be decoded
 }
 
 // recentExits remembers the last processes whose exit was published, so
@@ -110,16 +116,17 @@ func (r *recentExits) add(k exitKey) bool {
 	return true
 }
 
-func (a *attachment) Rings() []probes.Ring {
-	return []probes.Ring{{Map: a.objs.Events, Handle: a.handle}}
+func (a *attachment) Rings() []probe.Ring {
+	return []probe.Ring{{Map: a.objs.Events, Handle: a.handle}}
 }
 
 // handle decodes one record and publishes it. Records nobody subscribes to
-// are not decoded. Malformed records cannot come from our own programs;
-// they are ignored.
+// are not decoded. A record that cannot be decoded (our programs never
+// write one) is counted in Stats.Malformed and dropped.
 func (a *attachment) handle(raw []byte) {
 	kind, err := a.dec.kind(raw)
 	if err != nil {
+		a.malformed.Add(1)
 		return
 	}
 	switch kind {
@@ -128,9 +135,11 @@ func (a *attachment) handle(raw []byte) {
 			return
 		}
 		var ev Exec
-		if a.dec.decodeExec(raw, &ev) == nil {
-			a.execs.Publish(&ev)
+		if a.dec.decodeExec(raw, &ev) != nil {
+			a.malformed.Add(1)
+			return
 		}
+		a.execs.Publish(&ev)
 	case kindExit:
 		if !a.exits.Active() {
 			return
@@ -147,15 +156,21 @@ func (a *attachment) handle(raw []byte) {
 		var ev Fork
 		a.dec.decodeFork(&ev)
 		a.forks.Publish(&ev)
+	default:
+		a.malformed.Add(1)
 	}
 }
 
-func (a *attachment) Stats() (probes.Stats, error) {
+func (a *attachment) Stats() (probe.Stats, error) {
 	c, err := bpfload.Counters(a.objs.Counters, nCounters)
 	if err != nil {
-		return probes.Stats{}, err
+		return probe.Stats{}, err
 	}
-	return probes.Stats{Lost: c[ctrLost] + c[ctrTrackFull], Missed: bpfload.Missed(&a.objs.processBPFPrograms)}, nil
+	return probe.Stats{
+		Lost:      c[ctrLost] + c[ctrTrackFull],
+		Missed:    bpfload.Missed(&a.objs.processBPFPrograms),
+		Malformed: a.malformed.Load(),
+	}, nil
 }
 
 func (a *attachment) Close() error {

@@ -36,8 +36,8 @@ func start(t *testing.T, opts ...flowmill.Option) *session {
 	s, err := flowmill.Start(context.Background(), opts...)
 	testutil.CheckStart(t, err)
 	ours := testutil.ProgramsSince(t, held)
-	if len(ours) != 3 {
-		t.Errorf("the session holds %d programs, want 3: %v", len(ours), ours)
+	if len(ours) != 4 {
+		t.Errorf("the session holds %d programs, want 4: %v", len(ours), ours)
 	}
 	t.Cleanup(func() {
 		if err := s.Close(); err != nil {
@@ -103,7 +103,8 @@ func (s *session) collect(t *testing.T, pids ...uint32) ([]process.Exec, []proce
 		case <-grace:
 			return execs, exits, forks
 		case <-deadline:
-			t.Fatalf("timed out waiting for the exits of %v; got execs %+v exits %+v", want, execs, exits)
+			st, err := s.s.Stats()
+			t.Fatalf("timed out waiting for the exits of %v (stats %+v, %v); got execs %+v exits %+v", want, st, err, execs, exits)
 		}
 	}
 }

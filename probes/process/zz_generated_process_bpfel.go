@@ -60,6 +60,7 @@ const (
 	processBPFMapTracked         = "tracked"
 	processBPFProgOnExec         = "on_exec"
 	processBPFProgOnExit         = "on_exit"
+	processBPFProgOnExitAgain    = "on_exit_again"
 	processBPFProgOnFork         = "on_fork"
 	processBPFVarFmScopeKind     = "fm_scope_kind"
 	processBPFVarFmScopeTgid     = "fm_scope_tgid"
@@ -110,9 +111,10 @@ type processBPFSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type processBPFProgramSpecs struct {
-	OnExec *ebpf.ProgramSpec `ebpf:"on_exec"`
-	OnExit *ebpf.ProgramSpec `ebpf:"on_exit"`
-	OnFork *ebpf.ProgramSpec `ebpf:"on_fork"`
+	OnExec      *ebpf.ProgramSpec `ebpf:"on_exec"`
+	OnExit      *ebpf.ProgramSpec `ebpf:"on_exit"`
+	OnExitAgain *ebpf.ProgramSpec `ebpf:"on_exit_again"`
+	OnFork      *ebpf.ProgramSpec `ebpf:"on_fork"`
 }
 
 // processBPFMapSpecs contains maps before they are loaded into the kernel.
@@ -192,15 +194,17 @@ type processBPFVariables struct {
 //
 // It can be passed to loadProcessBPFObjects or ebpf.CollectionSpec.LoadAndAssign.
 type processBPFPrograms struct {
-	OnExec *ebpf.Program `ebpf:"on_exec"`
-	OnExit *ebpf.Program `ebpf:"on_exit"`
-	OnFork *ebpf.Program `ebpf:"on_fork"`
+	OnExec      *ebpf.Program `ebpf:"on_exec"`
+	OnExit      *ebpf.Program `ebpf:"on_exit"`
+	OnExitAgain *ebpf.Program `ebpf:"on_exit_again"`
+	OnFork      *ebpf.Program `ebpf:"on_fork"`
 }
 
 func (p *processBPFPrograms) Close() error {
 	return _ProcessBPFClose(
 		p.OnExec,
 		p.OnExit,
+		p.OnExitAgain,
 		p.OnFork,
 	)
 }

@@ -9,7 +9,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 // ncalls bounds the numbers counted (SC_NR_MAX in bpf/syscalls.c).
@@ -21,16 +21,19 @@ const batchSize = 1024
 
 // aggregator turns the kernel's cumulative per-CPU counters into per
 // process Counts and running totals. Its methods are safe for concurrent
-// use: the timer, Snapshot, Totals and Close may run at once.
+// use: the timer, Snapshot, Totals and Close may run at once. Counts are
+// published by the timer's goroutine (and the last read, at Close) with no
+// lock held, so a function subscriber may call Snapshot or Totals.
 type aggregator struct {
-	topic *probes.Topic[Counts]
+	topic *probe.Topic[Counts]
 	ncpu  int
 
 	mu     sync.Mutex
 	procs  map[uint32]*proc
 	totals [ncalls]uint64
 	closed bool
-	err    error // of the last read
+	err    error    // of the last read
+	exited []Counts // final Counts of processes that died, to publish
 
 	// reused buffers
 	keys []syscallsBPFScKey
@@ -44,7 +47,7 @@ type proc struct {
 	changed bool
 }
 
-func newAttachment(topic *probes.Topic[Counts], ncpu int) *attachment {
+func newAttachment(topic *probe.Topic[Counts], ncpu int) *attachment {
 	return &attachment{agg: &aggregator{
 		topic: topic,
 		ncpu:  ncpu,
@@ -54,14 +57,37 @@ func newAttachment(topic *probes.Topic[Counts], ncpu int) *attachment {
 	}}
 }
 
-// read reads the kernel and publishes what changed; the error is kept for
-// Stats.
+// read reads the kernel and publishes what changed since the last
+// publication; the error is kept for Stats. Only the timer's goroutine and
+// finish, which runs after it stopped, call it.
 func (g *aggregator) read(objs *syscallsBPFObjects) {
 	g.mu.Lock()
-	defer g.mu.Unlock()
-	if !g.closed {
-		g.err = g.readLocked(objs)
+	if g.closed {
+		g.mu.Unlock()
+		return
 	}
+	g.err = g.readLocked(objs)
+	out := g.collectLocked(time.Now())
+	g.mu.Unlock()
+	for i := range out {
+		g.topic.Publish(&out[i])
+	}
+}
+
+// collectLocked returns what is to be published: the final Counts of
+// processes that exited and the Counts of those whose counters changed.
+func (g *aggregator) collectLocked(now time.Time) []Counts {
+	out := g.exited
+	g.exited = nil
+	for pid, p := range g.procs {
+		if p.changed {
+			p.changed = false
+			if g.topic.Active() {
+				out = append(out, counts(now, pid, p, false))
+			}
+		}
+	}
+	return out
 }
 
 func (g *aggregator) lastError() error {
@@ -71,7 +97,8 @@ func (g *aggregator) lastError() error {
 }
 
 // readLocked does one read. Processes are noted dead before their counters
-// are read, so what is read for them is final.
+// are read, so what is read for them is final. It publishes nothing: the
+// changes wait for collectLocked.
 func (g *aggregator) readLocked(objs *syscallsBPFObjects) error {
 	dead, err := g.drainExited(objs.Exited)
 	if err != nil {
@@ -101,16 +128,13 @@ func (g *aggregator) readLocked(objs *syscallsBPFObjects) error {
 		if p == nil {
 			continue
 		}
-		g.publish(now, pid, p, true)
+		if g.topic.Active() {
+			g.exited = append(g.exited, counts(now, pid, p, true))
+		}
 		for nr := range p.n {
 			gone = append(gone, syscallsBPFScKey{Tgid: pid, Nr: uint32(nr)})
 		}
 		delete(g.procs, pid)
-	}
-	for pid, p := range g.procs {
-		if p.changed {
-			g.publish(now, pid, p, false)
-		}
 	}
 	if len(gone) > 0 {
 		if _, err := objs.Counts.BatchDelete(gone, nil); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -164,15 +188,6 @@ func (g *aggregator) update(k syscallsBPFScKey, n uint64) {
 	p.changed = true
 }
 
-func (g *aggregator) publish(now time.Time, pid uint32, p *proc, exited bool) {
-	p.changed = false
-	if !g.topic.Active() {
-		return
-	}
-	c := counts(now, pid, p, exited)
-	g.topic.Publish(&c)
-}
-
 func counts(now time.Time, pid uint32, p *proc, exited bool) Counts {
 	c := Counts{Time: now, PID: pid, Exited: exited, Syscalls: make([]Count, 0, len(p.n))}
 	for nr, n := range p.n {
@@ -217,14 +232,20 @@ func (g *aggregator) totalCounts(objs *syscallsBPFObjects) ([]Count, error) {
 	return out, nil
 }
 
-// finish makes the last read; afterwards only the totals are served.
+// finish makes the last read and publishes it; afterwards only the totals
+// are served. It runs after the timer stopped.
 func (g *aggregator) finish(objs *syscallsBPFObjects) error {
 	g.mu.Lock()
-	defer g.mu.Unlock()
 	if g.closed {
+		g.mu.Unlock()
 		return nil
 	}
 	err := g.readLocked(objs)
 	g.closed = true
+	out := g.collectLocked(time.Now())
+	g.mu.Unlock()
+	for i := range out {
+		g.topic.Publish(&out[i])
+	}
 	return err
 }

@@ -15,6 +15,9 @@ type Count struct {
 // how many times, since the probe attached or the process started. It is
 // published after each read of the kernel counters for every process whose
 // counts changed, and once more, with Exited set, after the process died.
+// It is published by the probe's timer goroutine (see WithInterval), not a
+// ring reader; a function subscriber (flowmill.SubscribeFunc) may call
+// Probe.Snapshot and Probe.Totals.
 type Counts struct {
 	// Time the kernel counters were read.
 	Time time.Time

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 func TestNames(t *testing.T) {
@@ -61,8 +61,8 @@ func TestCountsOf(t *testing.T) {
 // TestAggregate checks how cumulative kernel counters become per-process
 // Counts and totals, without the kernel.
 func TestAggregate(t *testing.T) {
-	bus := probes.NewBus()
-	a := newAttachment(probes.Produce[Counts](bus), 2)
+	bus := probe.NewBus()
+	a := newAttachment(probe.Produce[Counts](bus), 2)
 	g := a.agg
 	g.update(syscallsBPFScKey{Tgid: 10, Nr: 39}, 5)
 	g.update(syscallsBPFScKey{Tgid: 10, Nr: 0}, 2)

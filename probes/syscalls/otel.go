@@ -8,7 +8,7 @@ import (
 	"go.opentelemetry.io/otel/metric"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 // Names of the metric and the invented attribute, as documented in the
@@ -19,7 +19,7 @@ const (
 )
 
 // Telemetry maps the probe's Counts to OpenTelemetry; flowmill.NewExporter
-// calls it (see probes.Telemetry).
+// calls it (see probe.Telemetry).
 //
 // process.syscalls counts the system calls made by the processes in scope,
 // by flowmill.syscalls.name (the call's name on this architecture, at most
@@ -27,7 +27,7 @@ const (
 // Counts are cumulative per process: the recorder keeps the last counts of
 // each living process and records their growth, so each call is counted
 // once; a process leaves the table with its final (Exited) Counts.
-func (p *Probe) Telemetry(env *probes.TelemetryEnv) (probes.Recorder, error) {
+func (p *Probe) Telemetry(env *probe.TelemetryEnv) (probe.Recorder, error) {
 	r := &recorder{
 		attrs: env.Attributes,
 		max:   int(p.maxProcs),
@@ -40,16 +40,16 @@ func (p *Probe) Telemetry(env *probes.TelemetryEnv) (probes.Recorder, error) {
 	if err != nil {
 		return nil, fmt.Errorf("syscalls: creating instrument %s: %w", metricSyscalls, err)
 	}
-	if r.sub, err = probes.Subscribe[Counts](env.Bus, env.Buffer); err != nil {
+	if r.sub, err = probe.Subscribe[Counts](env.Bus, env.Buffer); err != nil {
 		return nil, fmt.Errorf("syscalls: %w", err)
 	}
 	return r, nil
 }
 
 type recorder struct {
-	attrs probes.Attributes
+	attrs probe.Attributes
 	calls metric.Int64Counter
-	sub   *probes.Sub[Counts]
+	sub   *probe.Sub[Counts]
 
 	// Used by Run's goroutine only.
 	last map[uint32]*procCounts // by PID
@@ -157,7 +157,7 @@ func (r *recorder) forget() {
 // set returns the metric attributes of system call nr made by pid.
 func (r *recorder) set(nr Syscall, pid uint32) []metric.AddOption {
 	k := setKey{nr: nr}
-	if r.attrs.Has(probes.AttrPID) {
+	if r.attrs.Has(probe.AttrPID) {
 		k.pid = pid
 	}
 	if s, ok := r.sets[k]; ok {
@@ -167,7 +167,7 @@ func (r *recorder) set(nr Syscall, pid uint32) []metric.AddOption {
 		clear(r.sets)
 	}
 	kv := []attribute.KeyValue{attrName.String(nr.String())}
-	if r.attrs.Has(probes.AttrPID) {
+	if r.attrs.Has(probe.AttrPID) {
 		kv = append(kv, semconv.ProcessPID(int(k.pid)))
 	}
 	s := []metric.AddOption{metric.WithAttributeSet(attribute.NewSet(kv...))}
@@ -175,4 +175,4 @@ func (r *recorder) set(nr Syscall, pid uint32) []metric.AddOption {
 	return s
 }
 
-var _ probes.Telemetry = (*Probe)(nil)
+var _ probe.Telemetry = (*Probe)(nil)

@@ -10,26 +10,26 @@ import (
 	"go.opentelemetry.io/otel/sdk/metric/metricdata/metricdatatest"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 // harness drives the syscalls mapping with synthetic Counts, without eBPF.
 type harness struct {
-	counts *probes.Topic[Counts]
+	counts *probe.Topic[Counts]
 	reader *sdkmetric.ManualReader
 	rec    *recorder
 }
 
-func newHarness(t testing.TB, attrs probes.Attributes, opts ...Option) *harness {
+func newHarness(t testing.TB, attrs probe.Attributes, opts ...Option) *harness {
 	t.Helper()
-	bus := probes.NewBus()
-	h := &harness{counts: probes.Produce[Counts](bus), reader: sdkmetric.NewManualReader()}
+	bus := probe.NewBus()
+	h := &harness{counts: probe.Produce[Counts](bus), reader: sdkmetric.NewManualReader()}
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(h.reader))
 	t.Cleanup(func() {
 		bus.Close()
 		_ = mp.Shutdown(context.Background())
 	})
-	r, err := New(opts...).Telemetry(&probes.TelemetryEnv{Bus: bus, Buffer: 1 << 16, Meter: mp.Meter("test"), Attributes: attrs})
+	r, err := New(opts...).Telemetry(&probe.TelemetryEnv{Bus: bus, Buffer: 1 << 16, Meter: mp.Meter("test"), Attributes: attrs})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +75,7 @@ func syscallNamed(t testing.TB, name string) Syscall {
 }
 
 func TestDeltasOfCumulativeCounts(t *testing.T) {
-	h := newHarness(t, probes.DefaultAttributes)
+	h := newHarness(t, probe.DefaultAttributes)
 	getpid, read := syscallNamed(t, "getpid"), syscallNamed(t, "read")
 	h.counts.Publish(&Counts{PID: 7, Syscalls: []Count{{getpid, 10}, {read, 3}}})
 	h.counts.Publish(&Counts{PID: 8, Syscalls: []Count{{getpid, 5}}})
@@ -95,7 +95,7 @@ func TestDeltasOfCumulativeCounts(t *testing.T) {
 }
 
 func TestPIDAttribute(t *testing.T) {
-	h := newHarness(t, probes.DefaultAttributes|probes.AttrPID)
+	h := newHarness(t, probe.DefaultAttributes|probe.AttrPID)
 	getpid := syscallNamed(t, "getpid")
 	h.counts.Publish(&Counts{PID: 7, Syscalls: []Count{{getpid, 10}}})
 	h.counts.Publish(&Counts{PID: 8, Exited: true, Syscalls: []Count{{getpid, 5}}})
@@ -106,7 +106,7 @@ func TestPIDAttribute(t *testing.T) {
 }
 
 func TestProcessTableIsBounded(t *testing.T) {
-	h := newHarness(t, probes.DefaultAttributes, WithMaxProcesses(8))
+	h := newHarness(t, probe.DefaultAttributes, WithMaxProcesses(8))
 	getpid := syscallNamed(t, "getpid")
 	for pid := range uint32(1000) {
 		h.counts.Publish(&Counts{PID: pid + 1, Syscalls: []Count{{getpid, 1}}})
@@ -120,7 +120,7 @@ func TestProcessTableIsBounded(t *testing.T) {
 // BenchmarkRecordCounts measures one periodic Counts of a process that
 // made 40 distinct system calls, 10 of which grew.
 func BenchmarkRecordCounts(b *testing.B) {
-	h := newHarness(b, probes.DefaultAttributes)
+	h := newHarness(b, probe.DefaultAttributes)
 	e := Counts{PID: 7}
 	for nr := range Syscall(40) {
 		e.Syscalls = append(e.Syscalls, Count{Syscall: nr, N: 1})

@@ -39,6 +39,8 @@ import (
 	"errors"
 	"sync/atomic"
 	"time"
+
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 // ErrNotAttached is returned by Snapshot when the probe is not part of an
@@ -49,9 +51,13 @@ var ErrNotAttached = errors.New("syscalls: probe not attached: pass it to flowmi
 type Option func(*Probe)
 
 // WithInterval sets how often the kernel counters are read and Counts
-// published (default 1s).
+// published (default 1s), between 10ms and 24h.
 func WithInterval(d time.Duration) Option {
-	return func(p *Probe) { p.interval = d }
+	return func(p *Probe) {
+		if p.opts.Duration("syscalls.WithInterval", d, 10*time.Millisecond, 24*time.Hour) {
+			p.interval = d
+		}
+	}
 }
 
 // WithMaxEntries bounds the kernel's table of {process, system call} pairs
@@ -59,14 +65,22 @@ func WithInterval(d time.Duration) Option {
 // of a pair that finds the table full are not counted; they are counted in
 // the session's Stats.EventsLost instead.
 func WithMaxEntries(n int) Option {
-	return func(p *Probe) { p.maxEntries = uint32(n) }
+	return func(p *Probe) {
+		if p.opts.Int("syscalls.WithMaxEntries", n, 1, 1<<24) {
+			p.maxEntries = uint32(n)
+		}
+	}
 }
 
 // WithMaxProcesses bounds the kernel's tables of the process tree followed
 // in the default (process) scope and of processes that died between two
 // reads (default 16384 each).
 func WithMaxProcesses(n int) Option {
-	return func(p *Probe) { p.maxProcs = uint32(n) }
+	return func(p *Probe) {
+		if p.opts.Int("syscalls.WithMaxProcesses", n, 1, 1<<22) {
+			p.maxProcs = uint32(n)
+		}
+	}
 }
 
 // Probe is the system call probe family. Create it with New. A Probe
@@ -77,6 +91,7 @@ type Probe struct {
 	maxEntries uint32
 	maxProcs   uint32
 	att        atomic.Pointer[attachment]
+	opts       probe.Options
 }
 
 // New returns the system call probe, to pass to flowmill.WithProbes. It
@@ -84,6 +99,10 @@ type Probe struct {
 func New(opts ...Option) *Probe {
 	p := &Probe{interval: time.Second, maxEntries: 65536, maxProcs: 16384}
 	for _, o := range opts {
+		if o == nil {
+			p.opts.NilOption("syscalls")
+			continue
+		}
 		o(p)
 	}
 	return p
@@ -91,6 +110,13 @@ func New(opts ...Option) *Probe {
 
 // Name returns "syscalls".
 func (p *Probe) Name() string { return "syscalls" }
+
+// Prepare reports invalid options and declares the event type; the session
+// calls it (see flowmill.New).
+func (p *Probe) Prepare(b *probe.Bus) error {
+	probe.Produce[Counts](b)
+	return p.opts.Err()
+}
 
 // Snapshot reads the kernel counters now and returns the counts of every
 // living process observed, sorted by PID. It also publishes the Counts

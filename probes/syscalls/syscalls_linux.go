@@ -8,8 +8,8 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/flowmill/flowmill/internal/bpfload"
+	"github.com/flowmill/flowmill/internal/probe"
 	"github.com/flowmill/flowmill/internal/proctree"
-	"github.com/flowmill/flowmill/probes"
 )
 
 // Counter slots (bpf/include/flowmill.h, bpf/syscalls.c).
@@ -22,7 +22,7 @@ const (
 )
 
 // Attach loads and attaches the probe. It is called by flowmill.Start.
-func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
+func (p *Probe) Attach(env *probe.Env) (probe.Attachment, error) {
 	if p.interval <= 0 || p.maxEntries == 0 || p.maxProcs == 0 {
 		return nil, fmt.Errorf("syscalls: WithInterval, WithMaxEntries and WithMaxProcesses must be positive")
 	}
@@ -40,15 +40,17 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 	if err != nil {
 		return nil, fmt.Errorf("syscalls: %w", err)
 	}
-	a := newAttachment(probes.Produce[Counts](env.Bus), ncpu)
+	a := newAttachment(probe.Produce[Counts](env.Bus), ncpu)
 	if err := bpfload.Load(spec, env, &a.objs, func() *ebpf.Map { return a.objs.ScopeCgroup }); err != nil {
 		return nil, fmt.Errorf("syscalls: %w", err)
 	}
 	tps := []bpfload.RawTracepoint{
+		// Two for exits (PT_EXIT_PROGRAMS in bpf/include/proctree.h).
 		{Name: "sched_process_exit", Program: a.objs.OnExit},
+		{Name: "sched_process_exit", Program: a.objs.OnExitAgain},
 		{Name: "sys_enter", Program: a.objs.OnSysEnter},
 	}
-	if env.Scope.Kind == probes.ScopeProcess {
+	if env.Scope.Kind == probe.ScopeProcess {
 		if err := a.objs.Tracked.Put(env.Scope.PID, uint8(1)); err != nil {
 			a.objs.Close()
 			return nil, fmt.Errorf("syscalls: tracking process %d: %w", env.Scope.PID, err)
@@ -61,7 +63,7 @@ func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
 		a.objs.Close()
 		return nil, fmt.Errorf("syscalls: %w", err)
 	}
-	if env.Scope.Kind == probes.ScopeProcess {
+	if env.Scope.Kind == probe.ScopeProcess {
 		if err := proctree.Seed(a.objs.Tracked, env.Scope.PID); err != nil {
 			a.close()
 			return nil, fmt.Errorf("syscalls: %w", err)
@@ -80,17 +82,17 @@ type attachment struct {
 	done  chan struct{}
 }
 
-func (a *attachment) Rings() []probes.Ring { return nil }
+func (a *attachment) Rings() []probe.Ring { return nil }
 
-func (a *attachment) Stats() (probes.Stats, error) {
+func (a *attachment) Stats() (probe.Stats, error) {
 	if err := a.agg.lastError(); err != nil {
-		return probes.Stats{}, fmt.Errorf("reading the syscall counters: %w", err)
+		return probe.Stats{}, fmt.Errorf("reading the syscall counters: %w", err)
 	}
 	c, err := bpfload.Counters(a.objs.Counters, nCounters)
 	if err != nil {
-		return probes.Stats{}, err
+		return probe.Stats{}, err
 	}
-	return probes.Stats{Lost: c[ctrLost] + c[ctrFull] + c[ctrExitedFull] + c[ctrTrackFull], Missed: bpfload.Missed(&a.objs.syscallsBPFPrograms)}, nil
+	return probe.Stats{Lost: c[ctrLost] + c[ctrFull] + c[ctrExitedFull] + c[ctrTrackFull], Missed: bpfload.Missed(&a.objs.syscallsBPFPrograms)}, nil
 }
 
 // Close stops the timer, makes a last read (publishing the final Counts),

@@ -6,10 +6,10 @@ import (
 	"fmt"
 	"runtime"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
-var errNotLinux = fmt.Errorf("syscalls: %w: eBPF probes need Linux, this is %s", probes.ErrNotSupported, runtime.GOOS)
+var errNotLinux = fmt.Errorf("syscalls: %w: eBPF probes need Linux, this is %s", probe.ErrNotSupported, runtime.GOOS)
 
 // attachment is never created off Linux.
 type attachment struct{}
@@ -18,6 +18,6 @@ func (*attachment) snapshot() ([]Counts, error)   { return nil, errNotLinux }
 func (*attachment) totalCounts() ([]Count, error) { return nil, errNotLinux }
 
 // Attach fails: the probe needs Linux.
-func (p *Probe) Attach(env *probes.Env) (probes.Attachment, error) {
+func (p *Probe) Attach(env *probe.Env) (probe.Attachment, error) {
 	return nil, errNotLinux
 }

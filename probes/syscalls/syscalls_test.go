@@ -212,3 +212,34 @@ func TestScope(t *testing.T) {
 		}
 	}
 }
+
+// A function subscriber may read the kernel itself (Snapshot, Totals):
+// Counts are published with no lock held.
+func TestSnapshotFromSubscriber(t *testing.T) {
+	p := syscalls.New(syscalls.WithInterval(20 * time.Millisecond))
+	s := start(t, p)
+	got := make(chan error, 1)
+	stop, err := flowmill.SubscribeFunc(s, func(*syscalls.Counts) {
+		_, err := p.Snapshot()
+		if err == nil {
+			_, err = p.Totals()
+		}
+		select {
+		case got <- err:
+		default:
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	os.Getpid() // this process's counts change, so the next read publishes them
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatalf("Snapshot from a subscriber: %v", err)
+		}
+	case <-time.After(testutil.Timeout(5 * time.Second)):
+		t.Fatal("no Counts, or Snapshot from the subscriber deadlocked")
+	}
+}

@@ -38,6 +38,7 @@ const (
 	syscallsBPFMapScopeCgroup   = "scope_cgroup"
 	syscallsBPFMapTracked       = "tracked"
 	syscallsBPFProgOnExit       = "on_exit"
+	syscallsBPFProgOnExitAgain  = "on_exit_again"
 	syscallsBPFProgOnFork       = "on_fork"
 	syscallsBPFProgOnSysEnter   = "on_sys_enter"
 	syscallsBPFVarFmScopeKind   = "fm_scope_kind"
@@ -88,9 +89,10 @@ type syscallsBPFSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type syscallsBPFProgramSpecs struct {
-	OnExit     *ebpf.ProgramSpec `ebpf:"on_exit"`
-	OnFork     *ebpf.ProgramSpec `ebpf:"on_fork"`
-	OnSysEnter *ebpf.ProgramSpec `ebpf:"on_sys_enter"`
+	OnExit      *ebpf.ProgramSpec `ebpf:"on_exit"`
+	OnExitAgain *ebpf.ProgramSpec `ebpf:"on_exit_again"`
+	OnFork      *ebpf.ProgramSpec `ebpf:"on_fork"`
+	OnSysEnter  *ebpf.ProgramSpec `ebpf:"on_sys_enter"`
 }
 
 // syscallsBPFMapSpecs contains maps before they are loaded into the kernel.
@@ -171,14 +173,16 @@ type syscallsBPFVariables struct {
 //
 // It can be passed to loadSyscallsBPFObjects or ebpf.CollectionSpec.LoadAndAssign.
 type syscallsBPFPrograms struct {
-	OnExit     *ebpf.Program `ebpf:"on_exit"`
-	OnFork     *ebpf.Program `ebpf:"on_fork"`
-	OnSysEnter *ebpf.Program `ebpf:"on_sys_enter"`
+	OnExit      *ebpf.Program `ebpf:"on_exit"`
+	OnExitAgain *ebpf.Program `ebpf:"on_exit_again"`
+	OnFork      *ebpf.Program `ebpf:"on_fork"`
+	OnSysEnter  *ebpf.Program `ebpf:"on_sys_enter"`
 }
 
 func (p *syscallsBPFPrograms) Close() error {
 	return _SyscallsBPFClose(
 		p.OnExit,
+		p.OnExitAgain,
 		p.OnFork,
 		p.OnSysEnter,
 	)

@@ -16,6 +16,10 @@ const (
 
 	afInet  = 2
 	afInet6 = 10
+
+	// enum tcp_missing: the same bits as Missing.
+	missingAddresses = uint8(MissingAddresses)
+	missingCounters  = uint8(MissingCounters)
 )
 
 var (
@@ -50,7 +54,7 @@ func (d *decoder) record(raw []byte) (*tcpBPFTcpEvent, error) {
 	if e.Kind != kindOpen && e.Kind != kindClose {
 		return nil, errKind
 	}
-	if e.Tuple.Family != afInet && e.Tuple.Family != afInet6 {
+	if e.Tuple.Family != afInet && e.Tuple.Family != afInet6 && e.Missing&missingAddresses == 0 {
 		return nil, errFamily
 	}
 	return e, nil
@@ -66,23 +70,28 @@ func (d *decoder) conn(e *tcpBPFTcpEvent) Conn {
 		Local:    addrPort(e.Tuple.Family, &e.Tuple.Laddr, e.Tuple.Lport),
 		Remote:   addrPort(e.Tuple.Family, &e.Tuple.Raddr, e.Tuple.Rport),
 		Role:     Role(e.Role),
+		Missing:  Missing(e.Missing),
 	}
 }
 
 // addrPort builds an address; IPv4-mapped IPv6 addresses (IPv4 peers of a
-// dual-stack socket) are reported as IPv4.
+// dual-stack socket) are reported as IPv4. An address of no family (the
+// kernel could not read it) is the zero AddrPort.
 func addrPort(family uint16, a *[16]uint8, port uint16) netip.AddrPort {
 	var ip netip.Addr
-	if family == afInet {
+	switch family {
+	case afInet:
 		ip = netip.AddrFrom4([4]byte(a[:4]))
-	} else {
+	case afInet6:
 		ip = netip.AddrFrom16(*a).Unmap()
+	default:
+		return netip.AddrPort{}
 	}
 	return netip.AddrPortFrom(ip, port)
 }
 
-func stats(c *tcpBPFTcpCounts, rstSent, rstRecv uint32) Stats {
-	return Stats{
+func counters(c *tcpBPFTcpCounts, rstSent, rstRecv uint32) Counters {
+	return Counters{
 		BytesSent:      c.BytesSent,
 		BytesReceived:  c.BytesReceived,
 		SegmentsOut:    c.SegsOut,

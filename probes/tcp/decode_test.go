@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 func sampleEvent() tcpBPFTcpEvent {
@@ -37,20 +37,34 @@ func encode(t testing.TB, e *tcpBPFTcpEvent) []byte {
 	return buf.Bytes()
 }
 
-func testAttachment(bus *probes.Bus) *attachment {
+func testAttachment(bus *probe.Bus) *attachment {
 	return &attachment{
 		dec:    decoder{boot: func(ns uint64) time.Time { return time.Unix(1700000000, int64(ns)) }},
-		opened: probes.Produce[ConnOpened](bus),
-		closed: probes.Produce[ConnClosed](bus),
-		stats:  probes.Produce[ConnStats](bus),
-		poller: &poller{flows: map[tuple]openFlow{}, byPeer: map[netip.AddrPort]tuple{}},
+		opened: probe.Produce[ConnOpened](bus),
+		closed: probe.Produce[ConnClosed](bus),
+		stats:  probe.Produce[ConnStats](bus),
+		poller: testPoller(),
+	}
+}
+
+// testPoller is a poller that reports nothing by itself and reads no
+// kernel state.
+func testPoller() *poller {
+	return &poller{
+		maxOpen: 1 << 16,
+		now:     time.Now,
+		flows:   map[uint64]*openFlow{},
+		byTuple: map[tuple]uint64{},
+		byPeer:  map[netip.AddrPort]tuple{},
+		dumped:  map[netip.AddrPort]probe.TCPConnInfo{},
+		wake:    make(chan struct{}, 1),
 	}
 }
 
 func TestDecodeClose(t *testing.T) {
-	bus := probes.NewBus()
+	bus := probe.NewBus()
 	a := testAttachment(bus)
-	sub, err := probes.Subscribe[ConnClosed](bus, 1)
+	sub, err := probe.Subscribe[ConnClosed](bus, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,7 +76,7 @@ func TestDecodeClose(t *testing.T) {
 		Conn: Conn{ID: 7, PID: 4242, TID: 4243, Comm: "curl", CgroupID: 99,
 			Local:  netip.MustParseAddrPort("[2001:db8::1]:40000"),
 			Remote: netip.MustParseAddrPort("10.0.0.2:443"), Role: RoleClient},
-		Stats: Stats{BytesSent: 10, BytesReceived: 20, SegmentsIn: 3, SegmentsOut: 4, Retransmits: 1,
+		Counters: Counters{BytesSent: 10, BytesReceived: 20, SegmentsIn: 3, SegmentsOut: 4, Retransmits: 1,
 			ResetsSent: 1, SRTT: 120 * time.Microsecond, RTTVar: 30 * time.Microsecond},
 		Duration: 2500 * time.Microsecond,
 	}
@@ -91,9 +105,9 @@ func TestDecodeRejects(t *testing.T) {
 
 // Subscribers that do not keep up lose events, counted, and never block.
 func TestSlowSubscriberDrops(t *testing.T) {
-	bus := probes.NewBus()
+	bus := probe.NewBus()
 	a := testAttachment(bus)
-	sub, _ := probes.Subscribe[ConnClosed](bus, 2)
+	sub, _ := probe.Subscribe[ConnClosed](bus, 2)
 	e := sampleEvent()
 	raw := encode(t, &e)
 	for range 5 {
@@ -127,7 +141,7 @@ func FuzzDecode(f *testing.F) {
 		if e.Tuple.Family == afInet && !c.Local.Addr().Is4() {
 			t.Fatalf("IPv4 record decoded as %v", c.Local)
 		}
-		st := stats(&e.Counts, e.RstSent, e.RstReceived)
+		st := counters(&e.Counts, e.RstSent, e.RstReceived)
 		if st.BytesSent != e.Counts.BytesSent || st.SRTT < 0 {
 			t.Fatalf("stats %+v from %+v", st, e.Counts)
 		}
@@ -139,9 +153,9 @@ func FuzzDecode(f *testing.F) {
 // in the channel rather than let events drop). With -cpu 1 the consumer
 // shares the one core, so events/s is the whole pipeline's rate on a core.
 func BenchmarkHandle(b *testing.B) {
-	bus := probes.NewBus()
+	bus := probe.NewBus()
 	a := testAttachment(bus)
-	sub, _ := probes.Subscribe[ConnClosed](bus, 4096)
+	sub, _ := probe.Subscribe[ConnClosed](bus, 4096)
 	done := make(chan int)
 	go func() {
 		n := 0
@@ -177,7 +191,7 @@ func BenchmarkDecode(b *testing.B) {
 	var sink ConnClosed
 	for b.Loop() {
 		ev, _ := d.record(raw)
-		sink = ConnClosed{Time: d.boot(ev.TsNs), Conn: d.conn(ev), Stats: stats(&ev.Counts, ev.RstSent, ev.RstReceived)}
+		sink = ConnClosed{Time: d.boot(ev.TsNs), Conn: d.conn(ev), Counters: counters(&ev.Counts, ev.RstSent, ev.RstReceived)}
 	}
 	_ = sink
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds()/1e6, "Mevents/s")
@@ -188,8 +202,8 @@ func TestRecentlyClosed(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	a := tuple{7, netip.MustParseAddrPort("127.0.0.1:80"), netip.MustParseAddrPort("127.0.0.1:5000")}
 	b := tuple{7, netip.MustParseAddrPort("127.0.0.1:81"), netip.MustParseAddrPort("127.0.0.1:5000")}
-	r.add(a, probes.TCPConnInfo{Retransmits: 1}, t0)
-	r.add(b, probes.TCPConnInfo{Retransmits: 2}, t0.Add(time.Second))
+	r.add(a, probe.TCPConnInfo{Retransmits: 1}, t0)
+	r.add(b, probe.TCPConnInfo{Retransmits: 2}, t0.Add(time.Second))
 	if i, ok := r.find(7, netip.AddrPort{}, a.remote, t0.Add(2*time.Second)); !ok || i.Retransmits != 2 {
 		t.Errorf("by peer: %+v %v, want the newest", i, ok)
 	}
@@ -203,7 +217,7 @@ func TestRecentlyClosed(t *testing.T) {
 		t.Error("found an entry older than recentFor")
 	}
 	for i := range recentMax + 10 {
-		r.add(a, probes.TCPConnInfo{}, t0.Add(time.Hour+time.Duration(i)))
+		r.add(a, probe.TCPConnInfo{}, t0.Add(time.Hour+time.Duration(i)))
 	}
 	if len(r.entries) != recentMax {
 		t.Errorf("%d entries, bound %d", len(r.entries), recentMax)
@@ -213,11 +227,11 @@ func TestRecentlyClosed(t *testing.T) {
 // BenchmarkHandleFunc is decode and dispatch to a function subscriber
 // (flowmill.SubscribeFunc): no channel hand-off.
 func BenchmarkHandleFunc(b *testing.B) {
-	bus := probes.NewBus()
+	bus := probe.NewBus()
 	a := testAttachment(bus)
 	var n int
 	var bytes uint64
-	sub, _ := probes.SubscribeFunc(bus, func(e *ConnClosed) { n++; bytes += e.BytesSent })
+	sub, _ := probe.SubscribeFunc(bus, func(e *ConnClosed) { n++; bytes += e.BytesSent })
 	e := sampleEvent()
 	raw := encode(b, &e)
 	b.ReportAllocs()
@@ -230,4 +244,40 @@ func BenchmarkHandleFunc(b *testing.B) {
 		b.Fatalf("delivered %d of %d", n, b.N)
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds()/1e6, "Mevents/s")
+}
+
+// Records that do not decode are dropped and counted in Stats.Malformed;
+// events the kernel could not read all of are delivered, saying what is
+// missing, and counted in Stats.Incomplete.
+func TestMalformedAndIncompleteCounted(t *testing.T) {
+	bus := probe.NewBus()
+	a := testAttachment(bus)
+	closed, _ := probe.Subscribe[ConnClosed](bus, 8)
+	good := sampleEvent()
+	raw := encode(t, &good)
+	badKind, badFamily := good, good
+	badKind.Kind = 9
+	badFamily.Tuple.Family = 1
+	for _, r := range [][]byte{raw[:len(raw)-1], {}, encode(t, &badKind), encode(t, &badFamily)} {
+		a.handle(r)
+	}
+	a.handle(raw)
+	if st := a.userStats(); st.Malformed != 4 || st.Incomplete != 0 || len(closed.C()) != 1 {
+		t.Fatalf("after 4 malformed records and a good one: %+v, %d delivered", st, len(closed.C()))
+	}
+	<-closed.C()
+
+	// The kernel could read neither the addresses nor the counters.
+	partial := sampleEvent()
+	partial.Missing = missingAddresses | missingCounters
+	partial.Tuple = tcpBPFTcpTuple{}
+	partial.Counts = tcpBPFTcpCounts{}
+	a.handle(encode(t, &partial))
+	if st := a.userStats(); st.Malformed != 4 || st.Incomplete != 1 || len(closed.C()) != 1 {
+		t.Fatalf("after an incomplete record: %+v, %d delivered", st, len(closed.C()))
+	}
+	e := <-closed.C()
+	if e.Missing != MissingAddresses|MissingCounters || e.Local.IsValid() || e.Remote.IsValid() || e.Missing.String() != "addresses|counters" {
+		t.Errorf("incomplete event: missing %v, local %v, remote %v", e.Missing, e.Local, e.Remote)
+	}
 }

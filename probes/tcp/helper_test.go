@@ -97,6 +97,7 @@ func startSession(t *testing.T, opts ...flowmill.Option) *flowmill.Session {
 
 // stream is a subscription whose events a test can wait for in any order.
 type stream[T any] struct {
+	s     *flowmill.Session
 	sub   *flowmill.Subscription[T]
 	stash []T // read but not yet matched
 }
@@ -108,7 +109,7 @@ func subscribe[T any](t *testing.T, s *flowmill.Session) *stream[T] {
 		t.Fatal(err)
 	}
 	t.Cleanup(sub.Close)
-	return &stream[T]{sub: sub}
+	return &stream[T]{s: s, sub: sub}
 }
 
 // Events is the subscription's channel, for tests that read it directly.
@@ -137,7 +138,8 @@ func waitFor[T any](t *testing.T, s *stream[T], what string, match func(*T) bool
 			}
 			s.stash = append(s.stash, e)
 		case <-timeout:
-			t.Fatalf("timed out waiting for %s", what)
+			st, err := s.s.Stats()
+			t.Fatalf("timed out waiting for %s (session stats %+v, %v)", what, st, err)
 		}
 	}
 }

@@ -13,26 +13,27 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 
 	"github.com/flowmill/flowmill/internal/bpfload"
 	"github.com/flowmill/flowmill/internal/kclock"
+	"github.com/flowmill/flowmill/internal/probe"
 	"github.com/flowmill/flowmill/internal/ringread"
 	"github.com/flowmill/flowmill/internal/testutil"
-	"github.com/flowmill/flowmill/probes"
 )
 
-func attachForTest(t testing.TB, scope probes.Scope) *attachment {
+func attachForTest(t testing.TB, scope probe.Scope) *attachment {
 	a, _ := attachWithBus(t, scope)
 	return a
 }
 
-func attachWithBus(t testing.TB, scope probes.Scope) (*attachment, *probes.Bus) {
+func attachWithBus(t testing.TB, scope probe.Scope) (*attachment, *probe.Bus) {
 	t.Helper()
 	testutil.RequireBPF(t)
 	testutil.CheckStart(t, bpfload.Check())
 	clock := kclock.New()
-	env := &probes.Env{Scope: scope, Bus: probes.NewBus(), RingSize: 1 << 20, WakeupBytes: 64 << 10, BootTime: clock.Time}
+	env := &probe.Env{Scope: scope, Bus: probe.NewBus(), RingSize: 1 << 20, WakeupBytes: 64 << 10, BootTime: clock.Time}
 	att, err := New(WithStatsInterval(0)).Attach(env)
 	testutil.CheckStart(t, err)
 	return att.(*attachment), env.Bus
@@ -41,7 +42,7 @@ func attachWithBus(t testing.TB, scope probes.Scope) (*attachment, *probes.Bus) 
 // The probe offers other families a connection's current counters, and
 // they are the socket's own.
 func TestTCPConnsService(t *testing.T) {
-	a, bus := attachWithBus(t, probes.Scope{Kind: probes.ScopeProcess, PID: uint32(unix.Getpid())})
+	a, bus := attachWithBus(t, probe.Scope{Kind: probe.ScopeProcess, PID: uint32(unix.Getpid())})
 	defer a.Close()
 	var read atomic.Uint64
 	for _, r := range a.Rings() {
@@ -52,9 +53,9 @@ func TestTCPConnsService(t *testing.T) {
 		go rd.Run()
 		defer rd.Close()
 	}
-	svc, ok := probes.Lookup[probes.TCPConns](bus)
+	svc, ok := probe.Lookup[probe.TCPConns](bus)
 	if !ok {
-		t.Fatal("the TCP probe provides no probes.TCPConns")
+		t.Fatal("the TCP probe provides no probe.TCPConns")
 	}
 	ln, err := net.Listen("tcp", ":0") // dual stack: the accepted side is IPv6, v4-mapped
 	if err != nil {
@@ -120,20 +121,24 @@ func TestTCPConnsService(t *testing.T) {
 	if _, ok := svc.TCPConn(local, netip.AddrPortFrom(remote.Addr(), 1)); ok {
 		t.Error("found a connection that does not exist")
 	}
+	// The accepted socket led back to its listener, on this kernel too.
+	if st, err := a.Stats(); err != nil || st.Unsupported != 0 {
+		t.Errorf("Stats %+v (%v): an accepted socket's listener was not found", st, err)
+	}
 }
 
 func programs(a *attachment) []*ebpf.Program {
 	o := &a.objs
-	return []*ebpf.Program{o.OnSetState, o.OnDestroySock, o.OnSendReset, o.OnReceiveReset}
+	return []*ebpf.Program{o.OnSetState, o.OnSetStateAgain, o.OnDestroySock, o.OnDestroySockAgain, o.OnSendReset, o.OnReceiveReset}
 }
 
 // Close leaves nothing behind: every program, map and link the probe
 // created is gone from the kernel afterwards.
 func TestCloseLeavesNothing(t *testing.T) {
-	a := attachForTest(t, probes.Scope{Kind: probes.ScopeHost})
+	a := attachForTest(t, probe.Scope{Kind: probe.ScopeHost})
 	progs := programIDs(t, a)
 	var maps []ebpf.MapID
-	for _, m := range []*ebpf.Map{a.objs.Events, a.objs.Flows, a.objs.Listeners, a.objs.Counters, a.objs.Snaps} {
+	for _, m := range []*ebpf.Map{a.objs.Events, a.objs.Flows, a.objs.Listeners, a.objs.SeededListeners, a.objs.Counters, a.objs.Snaps} {
 		info, err := m.Info()
 		if err != nil {
 			t.Fatal(err)
@@ -191,7 +196,7 @@ func BenchmarkKernelCost(b *testing.B) {
 }
 
 func kernelCost(b *testing.B, pid uint32) {
-	a := attachForTest(b, probes.Scope{Kind: probes.ScopeProcess, PID: pid})
+	a := attachForTest(b, probe.Scope{Kind: probe.ScopeProcess, PID: pid})
 	defer a.Close()
 	testutil.EnableRunStats(b)
 	ids := programIDs(b, a)
@@ -256,4 +261,184 @@ func kernelCost(b *testing.B, pid uint32) {
 	ns -= uint64(e.Runtime - before["empty"].Runtime)
 	b.ReportMetric(float64(runs)/float64(b.N), "hits/conn")
 	b.ReportMetric(float64(ns)/float64(b.N), "kernel-ns/conn")
+}
+
+// A flow whose socket cannot be read is still reported, open and close,
+// saying that its addresses and counters are missing, and both events are
+// counted in Stats.Incomplete. The programs run (BPF_PROG_TEST_RUN) on a
+// flow whose socket pointer is a user-space address, where every probe
+// read fails.
+func TestIncompleteSnapshot(t *testing.T) {
+	a, bus := attachWithBus(t, probe.Scope{Kind: probe.ScopeProcess, PID: uint32(unix.Getpid())})
+	defer a.Close()
+	opened, _ := probe.Subscribe[ConnOpened](bus, 1024)
+	closed, _ := probe.Subscribe[ConnClosed](bus, 1024)
+	const (
+		sk          = 0x1000 // not kernel memory
+		id          = 0xf10f
+		synSent     = 2
+		established = 1
+		closeState  = 7
+	)
+	flow := tcpBPFFlow{Id: id, Role: uint8(RoleClient), States: 1 << synSent}
+	flow.Task.Pid = uint32(unix.Getpid())
+	if err := a.objs.Flows.Put(uint64(sk), &flow); err != nil {
+		t.Fatal(err)
+	}
+	run := func(p *ebpf.Program, args ...uint64) {
+		t.Helper()
+		if _, err := p.Run(&ebpf.RunOptions{Context: args}); err != nil {
+			t.Fatalf("running %v: %v", p, err)
+		}
+	}
+	run(a.objs.OnSetState, sk, synSent, established)
+	run(a.objs.OnSetState, sk, established, closeState)
+	run(a.objs.OnDestroySock, sk)
+	if b, _ := a.objs.Flows.LookupBytes(uint64(sk)); b != nil {
+		t.Error("the flow is still in the kernel's table after its socket was destroyed")
+	}
+
+	rd, err := ringbuf.NewReader(a.objs.Events)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	var o *ConnOpened
+	var c *ConnClosed
+	rd.SetDeadline(time.Now().Add(testutil.Timeout(5 * time.Second)))
+	for o == nil || c == nil {
+		rec, err := rd.Read()
+		if err != nil {
+			t.Fatalf("reading the flow's events: %v (open %v, close %v)", err, o, c)
+		}
+		a.handle(rec.RawSample)
+		for len(opened.C()) > 0 {
+			if e := <-opened.C(); e.ID == id {
+				o = &e
+			}
+		}
+		for len(closed.C()) > 0 {
+			if e := <-closed.C(); e.ID == id {
+				c = &e
+			}
+		}
+	}
+	want := MissingAddresses | MissingCounters
+	if o.Missing != want || c.Missing != want || o.Local.IsValid() || c.Remote.IsValid() {
+		t.Errorf("open missing %v (local %v), close missing %v (remote %v); want %v", o.Missing, o.Local, c.Missing, c.Remote, want)
+	}
+	if c.Counters != (Counters{}) || c.Duration <= 0 {
+		t.Errorf("close of an unreadable socket: counters %+v, duration %v", c.Counters, c.Duration)
+	}
+	st, err := a.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Incomplete != 2 || st.Malformed != 0 {
+		t.Errorf("Stats %+v: want 2 incomplete events, none malformed", st)
+	}
+}
+
+// A hit the kernel skips (Stats.Missed: on 7.x a task preempted inside a
+// program makes the next on that CPU skip it) loses nothing at
+// inet_sock_set_state and tcp_destroy_sock, whose two programs each do the
+// work the other did not, once; and a flow whose destroy was skipped by
+// both is closed, its counters missing, when a new socket begins at its
+// address, rather than taken over by it. Programs run on a flow of a user-space socket address
+// (BPF_PROG_TEST_RUN), as in TestIncompleteSnapshot.
+func TestSkippedHits(t *testing.T) {
+	a, bus := attachWithBus(t, probe.Scope{Kind: probe.ScopeProcess, PID: uint32(unix.Getpid())})
+	defer a.Close()
+	closed, _ := probe.Subscribe[ConnClosed](bus, 1024)
+	opened, _ := probe.Subscribe[ConnOpened](bus, 1024)
+	const synSent, established, closeState = 2, 1, 7
+	run := func(p *ebpf.Program, args ...uint64) {
+		t.Helper()
+		if _, err := p.Run(&ebpf.RunOptions{Context: args}); err != nil {
+			t.Fatalf("running %v: %v", p, err)
+		}
+	}
+	// connecting puts the flow the SYN_SENT transition would have (a
+	// user-space address fails the checks that insert one).
+	connecting := func(sk, id uint64) {
+		t.Helper()
+		flow := tcpBPFFlow{Id: id, Role: uint8(RoleClient), States: 1 << synSent}
+		flow.Task.Pid = uint32(unix.Getpid())
+		if err := a.objs.Flows.Put(sk, &flow); err != nil {
+			t.Fatal(err)
+		}
+	}
+	open := func(sk, id uint64) {
+		t.Helper()
+		connecting(sk, id)
+		run(a.objs.OnSetState, sk, synSent, established)
+		run(a.objs.OnSetStateAgain, sk, synSent, established)
+	}
+	rd, err := ringbuf.NewReader(a.objs.Events)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	// events reads the ring until it is empty and returns the opens and
+	// closes by flow ID.
+	events := func() (map[uint64]int, map[uint64][]ConnClosed) {
+		t.Helper()
+		opens, got := make(map[uint64]int), make(map[uint64][]ConnClosed)
+		rd.SetDeadline(time.Now().Add(100 * time.Millisecond))
+		for {
+			rec, err := rd.Read()
+			if err != nil {
+				return opens, got
+			}
+			a.handle(rec.RawSample)
+			for len(closed.C()) > 0 {
+				e := <-closed.C()
+				got[e.ID] = append(got[e.ID], e)
+			}
+			for len(opened.C()) > 0 {
+				opens[(<-opened.C()).ID]++
+			}
+		}
+	}
+
+	// Both programs run, as for every hit: one close.
+	open(0x1000, 1)
+	run(a.objs.OnDestroySock, 0x1000)
+	run(a.objs.OnDestroySockAgain, 0x1000)
+	// The first skipped: the second closes.
+	open(0x2000, 2)
+	run(a.objs.OnDestroySockAgain, 0x2000)
+	// Both skipped, then a new socket connects at the same address.
+	open(0x3000, 3)
+	run(a.objs.OnSetState, 0x3000, closeState, synSent)
+	run(a.objs.OnSetStateAgain, 0x3000, closeState, synSent)
+	// A transition's first program skipped: the second does its work,
+	// once; both ran: once.
+	connecting(0x4000, 4)
+	run(a.objs.OnSetStateAgain, 0x4000, synSent, established)
+	run(a.objs.OnSetState, 0x4000, established, closeState)
+	run(a.objs.OnSetStateAgain, 0x4000, established, closeState)
+	run(a.objs.OnDestroySock, 0x4000)
+	// The second run of the SYN_SENT that inserted a flow leaves it be.
+	connecting(0x5000, 5)
+	run(a.objs.OnSetStateAgain, 0x5000, closeState, synSent)
+	var f tcpBPFFlow
+	if err := a.objs.Flows.Lookup(uint64(0x5000), &f); err != nil || f.Id != 5 {
+		t.Errorf("a flow just inserted: %+v, %v after the transition's second run", f, err)
+	}
+	a.objs.Flows.Delete(uint64(0x5000))
+	opens, got := events()
+	for id := uint64(1); id <= 4; id++ {
+		if len(got[id]) != 1 || opens[id] != 1 {
+			t.Errorf("flow %d: %d opens and %d closes, want 1 and 1: %+v", id, opens[id], len(got[id]), got[id])
+		}
+	}
+	if c := got[3]; len(c) == 1 && c[0].Missing&MissingCounters == 0 {
+		t.Errorf("the close of a flow whose destroy was skipped: missing %v, want its counters missing", c[0].Missing)
+	}
+	for _, sk := range []uint64{0x1000, 0x2000, 0x3000, 0x4000} {
+		if err := a.objs.Flows.Lookup(sk, &f); err == nil && f.Id <= 4 {
+			t.Errorf("socket %#x: the table still holds flow %d", sk, f.Id)
+		}
+	}
 }

@@ -1,123 +1,129 @@
 package tcp
 
 import (
-	"bufio"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/flowmill/flowmill/internal/cgroupfs"
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
+	"github.com/flowmill/flowmill/internal/sockdiag"
 )
 
-// seedListeners records the listening sockets that already exist when the
-// probe starts, so connections they accept are attributed to their owner.
-// (Sockets that start listening later are recorded by the kernel program.)
-// Only the session's network namespace is visible here.
-func seedListeners(m *ebpf.Map, scope probes.Scope) error {
-	ports := map[uint64]uint16{} // socket inode -> port
-	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		if err := listeningSockets(f, ports); err != nil {
-			return err
-		}
-	}
-	if len(ports) == 0 {
-		return nil
-	}
-	netns, err := netnsInode("/proc/self/ns/net")
-	if err != nil {
-		return err
-	}
+// seedListeners records the owners of the listening sockets in scope that
+// already exist when the probe starts, so that the connections they accept
+// are attributed to them; the kernel program records those that start
+// listening later. Listening sockets and their cookies come from a
+// sock_diag dump of each network namespace (entering another one needs
+// CAP_SYS_ADMIN; those it cannot enter are skipped), their owners from the
+// file descriptors in /proc/PID/fd (reading another user's needs
+// CAP_SYS_PTRACE; those it cannot read are skipped). A socket shared by
+// several processes (a pre-forked server) belongs to the one with the
+// lowest PID, normally the one that called listen(). It returns how many
+// namespaces it could not read, and how many listening sockets it could
+// not record because the kernel's map was full.
+func seedListeners(m *ebpf.Map, scope probe.Scope) (failed, full uint64, err error) {
 	var pids []int
-	if scope.Kind == probes.ScopeProcess {
+	if scope.Kind == probe.ScopeProcess {
 		pids = []int{int(scope.PID)}
 	} else {
 		ents, err := os.ReadDir("/proc")
 		if err != nil {
-			return err
+			return 0, 0, err
 		}
 		for _, e := range ents {
 			if pid, err := strconv.Atoi(e.Name()); err == nil {
 				pids = append(pids, pid)
 			}
 		}
+		slices.Sort(pids) // the lowest PID sharing a socket owns it
 	}
 	var cgroupID uint64
-	if scope.Kind == probes.ScopeCgroup {
+	if scope.Kind == probe.ScopeCgroup {
+		var err error
 		if cgroupID, err = cgroupfs.ID(scope.CgroupPath); err != nil {
-			return err
+			return 0, 0, err
 		}
 	}
+	self, err := netnsInode("/proc/self/ns/net")
+	if err != nil {
+		return 0, 0, err
+	}
+	cookies := map[uint32][]uint64{} // socket inode -> cookies of its listening sockets
+	dumped := map[uint32]bool{}      // network namespaces
 	for _, pid := range pids {
-		fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		path := fmt.Sprintf("/proc/%d/ns/net", pid)
+		netns, err := netnsInode(path)
 		if err != nil {
 			continue // gone, or not ours to read
 		}
-		var task *tcpBPFFmTask
-		for _, fd := range fds {
-			target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
-			if err != nil || !strings.HasPrefix(target, "socket:[") {
-				continue
+		if !dumped[netns] {
+			dumped[netns] = true
+			if netns == self {
+				path = ""
 			}
-			ino, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(target, "socket:["), "]"), 10, 64)
+			err := sockdiag.DumpListening(path, func(s *sockdiag.Socket) {
+				if s.Inode != 0 && s.Cookie != 0 {
+					cookies[s.Inode] = append(cookies[s.Inode], s.Cookie)
+				}
+			})
 			if err != nil {
-				continue
-			}
-			port, ok := ports[ino]
-			if !ok {
-				continue
-			}
-			if task == nil {
-				if task = procTask(pid); task == nil {
-					break
-				}
-				if scope.Kind == probes.ScopeCgroup && !underCgroup(pid, cgroupID) {
-					break
-				}
-			}
-			key := tcpBPFListenerKey{Netns: netns, Port: port}
-			if err := m.Put(&key, task); err != nil {
-				return fmt.Errorf("recording listener on port %d: %w", port, err)
+				failed++ // a namespace it may not enter is skipped
 			}
 		}
+		n, err := seedProcess(m, pid, scope, cgroupID, cookies)
+		if err != nil {
+			return failed, full, err
+		}
+		full += n
 	}
-	return nil
+	return failed, full, nil
 }
 
-// listeningSockets adds the LISTEN sockets of a /proc/net/tcp* table.
-func listeningSockets(path string, out map[uint64]uint16) error {
-	f, err := os.Open(path)
+// seedProcess records pid as the owner of its listening sockets not
+// recorded yet, removing them from cookies. It returns how many it could
+// not record because the map is full.
+func seedProcess(m *ebpf.Map, pid int, scope probe.Scope, cgroupID uint64, cookies map[uint32][]uint64) (full uint64, err error) {
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	if err != nil {
-		if os.IsNotExist(err) {
-			return nil // no IPv6
-		}
-		return err
+		return 0, nil // gone, or not ours to read
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Scan() // header
-	for sc.Scan() {
-		// sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 10 || fields[3] != "0A" {
+	var task *tcpBPFFmTask
+	for _, fd := range fds {
+		target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
+		if err != nil || !strings.HasPrefix(target, "socket:[") {
 			continue
 		}
-		i := strings.LastIndexByte(fields[1], ':')
-		port, err := strconv.ParseUint(fields[1][i+1:], 16, 16)
-		if err != nil {
+		ino, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(target, "socket:["), "]"), 10, 32)
+		if err != nil || len(cookies[uint32(ino)]) == 0 {
 			continue
 		}
-		ino, err := strconv.ParseUint(fields[9], 10, 64)
-		if err != nil || ino == 0 {
-			continue
+		if task == nil {
+			if scope.Kind == probe.ScopeCgroup && !underCgroup(pid, cgroupID) {
+				return 0, nil
+			}
+			if task = procTask(pid); task == nil {
+				return 0, nil // gone
+			}
 		}
-		out[ino] = uint16(port)
+		for _, c := range cookies[uint32(ino)] {
+			switch err := m.Put(c, task); {
+			case errors.Is(err, unix.E2BIG):
+				full++
+			case err != nil:
+				return full, fmt.Errorf("recording the owner of listening socket %d (process %d): %w", ino, pid, err)
+			}
+		}
+		delete(cookies, uint32(ino))
 	}
-	return sc.Err()
+	return full, nil
 }
 
 func procTask(pid int) *tcpBPFFmTask {

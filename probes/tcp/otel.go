@@ -6,13 +6,14 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"sync"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 // WithSpans makes the exporter (flowmill.NewExporter) create one span per
@@ -45,36 +46,55 @@ var (
 	durationBuckets = []float64{1e-3, 5e-3, 10e-3, 50e-3, 100e-3, 500e-3, 1, 5, 10, 30, 60, 300, 600, 1800, 3600}
 )
 
+// openConns is the service through which the probe's attachment tells its
+// Telemetry which connections are open, for tcp.active. It is private to
+// the family, provided on the session's bus.
+type openConns interface {
+	// eachOpen calls fn for every connection known to be open once the
+	// records the kernel sent so far are handled and the flows it evicted
+	// from its table (whose close is never reported) are forgotten.
+	eachOpen(fn func(*Conn)) error
+}
+
 // Telemetry maps the probe's events to OpenTelemetry; flowmill.NewExporter
-// calls it (see probes.Telemetry).
+// calls it (see probe.Telemetry).
 //
 // Per flow, the cumulative counters of the periodic ConnStats and of the
 // final ConnClosed are turned into deltas against the last values seen for
 // that flow (Conn.ID), so each byte, segment and reset is counted once.
+// A periodic reading can, rarely, count the peer's FIN as a received byte
+// (when it arrives while the kernel assembles the reading); a counter
+// cannot go back, so that byte stays counted.
 // The table of last values is bounded by WithMaxFlows; a flow leaves it at
-// its close.
-func (p *Probe) Telemetry(env *probes.TelemetryEnv) (probes.Recorder, error) {
+// its close. tcp.active is observed at each collection from the
+// connections the probe knows to be open (not from the events, which a
+// full subscription may miss, and of which a flow evicted from the
+// kernel's table has no close).
+func (p *Probe) Telemetry(env *probe.TelemetryEnv) (probe.Recorder, error) {
+	conns, ok := probe.Lookup[openConns](env.Bus)
+	if !ok {
+		return nil, fmt.Errorf("tcp: the session has no table of open TCP connections: the TCP probe is not attached to it; start the session with it (flowmill.WithProbes)")
+	}
 	r := &recorder{
 		spans:  p.spans,
 		tracer: env.Tracer,
 		attrs:  env.Attributes,
+		conns:  conns,
 		max:    int(p.maxFlows),
 		flows:  make(map[uint64]flowState),
 		sets:   make(map[setKey]*attrSets),
+		active: activeSets{sets: make(map[setKey]attribute.Set)},
 	}
 	if err := r.instruments(env.Meter, env.ExplicitBuckets); err != nil {
 		return nil, fmt.Errorf("tcp: %w", err)
 	}
 	var err error
-	if r.opened, err = probes.Subscribe[ConnOpened](env.Bus, env.Buffer); err != nil {
+	if r.stats, err = probe.Subscribe[ConnStats](env.Bus, env.Buffer); err != nil {
+		r.callback.Unregister()
 		return nil, fmt.Errorf("tcp: %w", err)
 	}
-	if r.stats, err = probes.Subscribe[ConnStats](env.Bus, env.Buffer); err != nil {
-		r.opened.Close()
-		return nil, fmt.Errorf("tcp: %w", err)
-	}
-	if r.closed, err = probes.Subscribe[ConnClosed](env.Bus, env.Buffer); err != nil {
-		r.opened.Close()
+	if r.closed, err = probe.Subscribe[ConnClosed](env.Bus, env.Buffer); err != nil {
+		r.callback.Unregister()
 		r.stats.Close()
 		return nil, fmt.Errorf("tcp: %w", err)
 	}
@@ -84,15 +104,19 @@ func (p *Probe) Telemetry(env *probes.TelemetryEnv) (probes.Recorder, error) {
 type recorder struct {
 	spans  bool
 	tracer trace.Tracer
-	attrs  probes.Attributes
+	attrs  probe.Attributes
 
 	bytes, packets, retrans, resets metric.Int64Counter
-	active                          metric.Int64UpDownCounter
 	rtt, duration                   metric.Float64Histogram
 
-	opened *probes.Sub[ConnOpened]
-	stats  *probes.Sub[ConnStats]
-	closed *probes.Sub[ConnClosed]
+	// tcp.active, observed from conns by callback.
+	conns    openConns
+	open     metric.Int64ObservableUpDownCounter
+	callback metric.Registration
+	active   activeSets
+
+	stats  *probe.Sub[ConnStats]
+	closed *probe.Sub[ConnClosed]
 
 	// Used by Run's goroutine only.
 	flows map[uint64]flowState
@@ -108,7 +132,6 @@ type flowState struct {
 	segsOut, segsIn uint32
 	retrans         uint32
 	rstSent, rstRec uint32
-	opened          bool // ConnOpened was recorded (tcp.active +1)
 	touched         uint64
 	sets            *attrSets
 }
@@ -144,8 +167,8 @@ func (r *recorder) instruments(m metric.Meter, explicit bool) error {
 		metric.WithDescription("TCP segments retransmitted."))
 	r.resets, errs[3] = m.Int64Counter(metricResets, metric.WithUnit("{segment}"),
 		metric.WithDescription("TCP RST segments sent (transmit) and received (receive)."))
-	r.active, errs[4] = m.Int64UpDownCounter(metricActive, metric.WithUnit("{connection}"),
-		metric.WithDescription("Open TCP connections seen established since the exporter started."))
+	r.open, errs[4] = m.Int64ObservableUpDownCounter(metricActive, metric.WithUnit("{connection}"),
+		metric.WithDescription("Open TCP connections: established, not yet closed."))
 	rttOpts := []metric.Float64HistogramOption{metric.WithUnit("s"),
 		metric.WithDescription("Smoothed TCP round-trip time (the kernel's srtt): one sample per connection per stats report and one at close.")}
 	durOpts := []metric.Float64HistogramOption{metric.WithUnit("s"),
@@ -159,24 +182,75 @@ func (r *recorder) instruments(m metric.Meter, explicit bool) error {
 	if err := errors.Join(errs[:]...); err != nil {
 		return fmt.Errorf("creating instruments: %w", err)
 	}
+	reg, err := m.RegisterCallback(r.observeActive, r.open)
+	if err != nil {
+		return fmt.Errorf("registering the %s callback: %w", metricActive, err)
+	}
+	r.callback = reg
+	return nil
+}
+
+// activeSets are the attribute sets of tcp.active, used by its callback
+// (which the SDK may call from several goroutines, apart from Run's): each
+// set seen, bounded by maxSets.
+type activeSets struct {
+	mu     sync.Mutex
+	sets   map[setKey]attribute.Set
+	counts map[setKey]int64
+}
+
+// note makes sure tcp.active has a series for k.
+func (a *activeSets) note(r *recorder, k setKey) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, ok := a.sets[k]; ok {
+		return
+	}
+	if len(a.sets) >= maxSets {
+		clear(a.sets)
+	}
+	a.sets[k] = attribute.NewSet(r.attributes(k)...)
+}
+
+// observeActive observes tcp.active: the open connections, by attribute
+// set.
+func (r *recorder) observeActive(_ context.Context, o metric.Observer) error {
+	a := &r.active
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.counts == nil {
+		a.counts = make(map[setKey]int64)
+	}
+	clear(a.counts)
+	err := r.conns.eachOpen(func(c *Conn) { a.counts[r.setKey(c)]++ })
+	if err != nil {
+		return fmt.Errorf("tcp: reading the open connections for %s: %w", metricActive, err)
+	}
+	if len(a.sets)+len(a.counts) > maxSets {
+		clear(a.sets)
+	}
+	for k := range a.counts {
+		if _, ok := a.sets[k]; !ok {
+			a.sets[k] = attribute.NewSet(r.attributes(k)...)
+		}
+	}
+	// A series once seen stays, at 0 when nothing of it is open (as an
+	// UpDownCounter's would), until the sets are cleared.
+	for k, set := range a.sets {
+		o.ObserveInt64(r.open, a.counts[k], metric.WithAttributeSet(set))
+	}
 	return nil
 }
 
 // Run records events until stop is closed or the session ends.
 func (r *recorder) Run(stop <-chan struct{}) error {
 	defer r.release()
-	opened, stats, closed := r.opened.C(), r.stats.C(), r.closed.C()
-	for opened != nil || stats != nil || closed != nil {
+	stats, closed := r.stats.C(), r.closed.C()
+	for stats != nil || closed != nil {
 		select {
 		case <-stop:
 			r.drain()
 			return nil
-		case e, ok := <-opened:
-			if !ok {
-				opened = nil
-				continue
-			}
-			r.recordOpened(&e)
 		case e, ok := <-stats:
 			if !ok {
 				stats = nil
@@ -195,7 +269,7 @@ func (r *recorder) Run(stop <-chan struct{}) error {
 }
 
 func (r *recorder) release() {
-	r.opened.Close()
+	r.callback.Unregister()
 	r.stats.Close()
 	r.closed.Close()
 	clear(r.flows)
@@ -204,7 +278,7 @@ func (r *recorder) release() {
 
 // drain records what the channels hold.
 func (r *recorder) drain() {
-	r.drainOpenAndStats()
+	r.drainStats()
 	for {
 		select {
 		case e, ok := <-r.closed.C():
@@ -219,58 +293,41 @@ func (r *recorder) drain() {
 }
 
 // handleClosed records a close after everything published before it. The
-// probe publishes a flow's ConnOpened before its ConnClosed, and no
-// ConnStats after it, but on other channels: whatever of them is already
-// buffered was published before e, and is recorded first.
+// probe publishes no ConnStats of a flow after its ConnClosed, but on
+// another channel: whatever of them is already buffered was published
+// before e, and is recorded first.
 func (r *recorder) handleClosed(e *ConnClosed) {
-	r.drainOpenAndStats()
+	r.drainStats()
 	r.recordClosed(e)
 }
 
-func (r *recorder) drainOpenAndStats() {
+func (r *recorder) drainStats() {
 	for {
 		select {
-		case e, ok := <-r.opened.C():
-			if ok {
-				r.recordOpened(&e)
-				continue
-			}
-		default:
-		}
-		select {
 		case e, ok := <-r.stats.C():
-			if ok {
-				r.recordStats(&e)
-				continue
+			if !ok {
+				return
 			}
+			r.recordStats(&e)
 		default:
+			return
 		}
-		return
 	}
-}
-
-func (r *recorder) recordOpened(e *ConnOpened) {
-	f := r.flow(&e.Conn)
-	if !f.opened {
-		f.opened = true
-		r.active.Add(context.Background(), 1, f.sets.base...)
-	}
-	r.flows[e.ID] = f
 }
 
 func (r *recorder) recordStats(e *ConnStats) {
 	f := r.flow(&e.Conn)
-	r.add(&f, &e.Stats)
+	r.add(&f, &e.Counters)
 	r.flows[e.ID] = f
 }
 
 func (r *recorder) recordClosed(e *ConnClosed) {
 	f := r.flow(&e.Conn)
-	r.add(&f, &e.Stats)
+	r.add(&f, &e.Counters)
 	ctx := context.Background()
-	if f.opened {
-		r.active.Add(ctx, -1, f.sets.base...)
-	}
+	// tcp.active gets the series of every connection seen, also one that
+	// opened and closed between two collections.
+	r.active.note(r, r.setKey(&e.Conn))
 	// The duration last: a reader that collects while a close is being
 	// recorded and sees its duration sees all the rest of it too.
 	r.duration.Record(ctx, e.Duration.Seconds(), f.sets.rec...)
@@ -282,7 +339,7 @@ func (r *recorder) recordClosed(e *ConnClosed) {
 
 // add records the growth of a flow's cumulative counters since the last
 // values seen, and an RTT sample.
-func (r *recorder) add(f *flowState, s *Stats) {
+func (r *recorder) add(f *flowState, s *Counters) {
 	ctx := context.Background()
 	if d := grow(&f.sent, s.BytesSent); d > 0 {
 		r.bytes.Add(ctx, d, f.sets.tx...)
@@ -358,13 +415,14 @@ func (r *recorder) forget() {
 	}
 }
 
-// attrSets returns the metric attributes of c under the selected groups.
-func (r *recorder) attrSets(c *Conn) *attrSets {
+// setKey returns what c's metric attributes are made of under the
+// selected groups.
+func (r *recorder) setKey(c *Conn) setKey {
 	k := setKey{role: c.Role, v6: c.Remote.Addr().Is6()}
-	if r.attrs.Has(probes.AttrPeerAddress) {
+	if r.attrs.Has(probe.AttrPeerAddress) {
 		k.peer = c.Remote.Addr()
 	}
-	if r.attrs.Has(probes.AttrServerPort) {
+	if r.attrs.Has(probe.AttrServerPort) {
 		switch c.Role {
 		case RoleServer:
 			k.serverPort = c.Local.Port()
@@ -372,18 +430,18 @@ func (r *recorder) attrSets(c *Conn) *attrSets {
 			k.serverPort = c.Remote.Port()
 		}
 	}
-	if r.attrs.Has(probes.AttrExecutable) {
+	if r.attrs.Has(probe.AttrExecutable) {
 		k.comm = c.Comm
 	}
-	if r.attrs.Has(probes.AttrPID) {
+	if r.attrs.Has(probe.AttrPID) {
 		k.pid = c.PID
 	}
-	if s, ok := r.sets[k]; ok {
-		return s
-	}
-	if len(r.sets) >= maxSets {
-		clear(r.sets)
-	}
+	return k
+}
+
+// attributes returns the metric attributes of k, without
+// network.io.direction, in a slice of their own.
+func (r *recorder) attributes(k setKey) []attribute.KeyValue {
 	kv := make([]attribute.KeyValue, 0, 8)
 	kv = append(kv, semconv.NetworkTransportTCP, attrRole.String(k.role.String()))
 	if k.v6 {
@@ -401,12 +459,25 @@ func (r *recorder) attrSets(c *Conn) *attrSets {
 			kv = append(kv, semconv.NetworkPeerPort(int(k.serverPort)))
 		}
 	}
-	if r.attrs.Has(probes.AttrExecutable) {
+	if r.attrs.Has(probe.AttrExecutable) {
 		kv = append(kv, semconv.ProcessExecutableName(k.comm))
 	}
-	if r.attrs.Has(probes.AttrPID) {
+	if r.attrs.Has(probe.AttrPID) {
 		kv = append(kv, semconv.ProcessPID(int(k.pid)))
 	}
+	return kv
+}
+
+// attrSets returns the metric attributes of c under the selected groups.
+func (r *recorder) attrSets(c *Conn) *attrSets {
+	k := r.setKey(c)
+	if s, ok := r.sets[k]; ok {
+		return s
+	}
+	if len(r.sets) >= maxSets {
+		clear(r.sets)
+	}
+	kv := r.attributes(k)
 	// attribute.NewSet sorts its argument in place: each set gets its own
 	// slice.
 	base := metric.WithAttributeSet(attribute.NewSet(slices.Clone(kv)...))
@@ -459,4 +530,4 @@ func (r *recorder) span(e *ConnClosed) {
 	sp.End(trace.WithTimestamp(e.Time))
 }
 
-var _ probes.Telemetry = (*Probe)(nil)
+var _ probe.Telemetry = (*Probe)(nil)

@@ -3,6 +3,7 @@ package tcp
 import (
 	"context"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,27 +15,62 @@ import (
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 
-	"github.com/flowmill/flowmill/probes"
+	"github.com/flowmill/flowmill/internal/probe"
 )
 
 // harness drives the TCP mapping with synthetic events on a bus, without
 // eBPF.
 type harness struct {
-	opened *probes.Topic[ConnOpened]
-	stats  *probes.Topic[ConnStats]
-	closed *probes.Topic[ConnClosed]
+	opened *probe.Topic[ConnOpened]
+	stats  *probe.Topic[ConnStats]
+	closed *probe.Topic[ConnClosed]
 	reader *sdkmetric.ManualReader
 	spans  *tracetest.SpanRecorder
 	rec    *recorder
+	conns  *fakeConns // the open connections tcp.active reports
 }
 
-func newHarness(t testing.TB, attrs probes.Attributes, opts ...Option) *harness {
+// fakeConns stands for the attachment's table of open connections.
+type fakeConns struct {
+	mu   sync.Mutex
+	open map[uint64]Conn
+}
+
+func (f *fakeConns) eachOpen(fn func(*Conn)) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, c := range f.open {
+		fn(&c)
+	}
+	return nil
+}
+
+func (f *fakeConns) set(cs ...Conn) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	clear(f.open)
+	for _, c := range cs {
+		f.open[c.ID] = c
+	}
+}
+
+func newHarness(t testing.TB, attrs probe.Attributes, opts ...Option) *harness {
 	t.Helper()
-	bus := probes.NewBus()
+	bus := probe.NewBus()
+	conns := &fakeConns{open: map[uint64]Conn{}}
+	probe.Provide[openConns](bus, conns)
+	return newHarnessOn(t, bus, conns, 1<<16, attrs, opts...)
+}
+
+// newHarnessOn is newHarness on a bus that provides openConns, with
+// subscriptions of buf events.
+func newHarnessOn(t testing.TB, bus *probe.Bus, conns *fakeConns, buf int, attrs probe.Attributes, opts ...Option) *harness {
+	t.Helper()
 	h := &harness{
-		opened: probes.Produce[ConnOpened](bus),
-		stats:  probes.Produce[ConnStats](bus),
-		closed: probes.Produce[ConnClosed](bus),
+		conns:  conns,
+		opened: probe.Produce[ConnOpened](bus),
+		stats:  probe.Produce[ConnStats](bus),
+		closed: probe.Produce[ConnClosed](bus),
 		reader: sdkmetric.NewManualReader(),
 		spans:  tracetest.NewSpanRecorder(),
 	}
@@ -45,8 +81,8 @@ func newHarness(t testing.TB, attrs probes.Attributes, opts ...Option) *harness 
 		_ = mp.Shutdown(context.Background())
 		_ = tp.Shutdown(context.Background())
 	})
-	r, err := New(opts...).Telemetry(&probes.TelemetryEnv{
-		Bus: bus, Buffer: 1 << 16, Meter: mp.Meter("test"), Tracer: tp.Tracer("test"), Attributes: attrs,
+	r, err := New(opts...).Telemetry(&probe.TelemetryEnv{
+		Bus: bus, Buffer: buf, Meter: mp.Meter("test"), Tracer: tp.Tracer("test"), Attributes: attrs,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -63,6 +99,27 @@ func (h *harness) run(t testing.TB) {
 	if err := h.rec.Run(stop); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// active returns the sum of tcp.active over its series, 0 if there are
+// none.
+func (h *harness) active(t testing.TB) int64 {
+	t.Helper()
+	var rm metricdata.ResourceMetrics
+	if err := h.reader.Collect(context.Background(), &rm); err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			if m.Name == metricActive {
+				for _, p := range m.Data.(metricdata.Sum[int64]).DataPoints {
+					n += p.Value
+				}
+			}
+		}
+	}
+	return n
 }
 
 func (h *harness) metric(t testing.TB, name string) metricdata.Metrics {
@@ -96,7 +153,7 @@ var (
 	}
 )
 
-const allAttrs = probes.DefaultAttributes | probes.AttrPID
+const allAttrs = probe.DefaultAttributes | probe.AttrPID
 
 func with(kv []attribute.KeyValue, more ...attribute.KeyValue) attribute.Set {
 	return attribute.NewSet(append(append([]attribute.KeyValue{}, kv...), more...)...)
@@ -107,10 +164,10 @@ func TestDeltasAcrossPeriodicStatsAndClose(t *testing.T) {
 	h.opened.Publish(&ConnOpened{Time: start, Conn: clientCon})
 	for _, sent := range []uint64{100, 300, 300} {
 		h.stats.Publish(&ConnStats{Time: start.Add(time.Second), Conn: clientCon, Duration: time.Second,
-			Stats: Stats{BytesSent: sent, BytesReceived: 10, SegmentsOut: 5, SRTT: 2 * time.Millisecond}})
+			Counters: Counters{BytesSent: sent, BytesReceived: 10, SegmentsOut: 5, SRTT: 2 * time.Millisecond}})
 	}
 	h.closed.Publish(&ConnClosed{Time: start.Add(3 * time.Second), Conn: clientCon, Duration: 3 * time.Second,
-		Stats: Stats{BytesSent: 500, BytesReceived: 10, SegmentsOut: 9, SegmentsIn: 4, ResetsSent: 1, SRTT: 4 * time.Millisecond}})
+		Counters: Counters{BytesSent: 500, BytesReceived: 10, SegmentsOut: 9, SegmentsIn: 4, ResetsSent: 1, SRTT: 4 * time.Millisecond}})
 	h.run(t)
 
 	tx := with(clientAttrs, semconv.NetworkIODirectionTransmit)
@@ -129,9 +186,6 @@ func TestDeltasAcrossPeriodicStatsAndClose(t *testing.T) {
 	metricdatatest.AssertEqual(t, sum(
 		metricdata.DataPoint[int64]{Attributes: tx, Value: 1},
 	), h.metric(t, metricResets).Data.(metricdata.Sum[int64]), metricdatatest.IgnoreTimestamp())
-	metricdatatest.AssertEqual(t, metricdata.Sum[int64]{Temporality: metricdata.CumulativeTemporality, DataPoints: []metricdata.DataPoint[int64]{
-		{Attributes: attribute.NewSet(clientAttrs...), Value: 0},
-	}}, h.metric(t, metricActive).Data.(metricdata.Sum[int64]), metricdatatest.IgnoreTimestamp())
 
 	dur := h.metric(t, metricDuration).Data.(metricdata.Histogram[float64])
 	if len(dur.DataPoints) != 1 || dur.DataPoints[0].Count != 1 || dur.DataPoints[0].Sum != 3 {
@@ -146,8 +200,8 @@ func TestDeltasAcrossPeriodicStatsAndClose(t *testing.T) {
 	}
 }
 
-// The recorder reads three channels in no particular order; a close must
-// still come after the open and the stats published before it.
+// The recorder reads two channels in no particular order; a close must
+// still come after the stats published before it.
 func TestOrderAcrossChannels(t *testing.T) {
 	h := newHarness(t, allAttrs)
 	const flows = 500
@@ -155,8 +209,8 @@ func TestOrderAcrossChannels(t *testing.T) {
 		c := clientCon
 		c.ID = i + 1
 		h.opened.Publish(&ConnOpened{Time: start, Conn: c})
-		h.stats.Publish(&ConnStats{Time: start, Conn: c, Stats: Stats{BytesSent: 60}})
-		h.closed.Publish(&ConnClosed{Time: start, Conn: c, Stats: Stats{BytesSent: 100}})
+		h.stats.Publish(&ConnStats{Time: start, Conn: c, Counters: Counters{BytesSent: 60}})
+		h.closed.Publish(&ConnClosed{Time: start, Conn: c, Counters: Counters{BytesSent: 100}})
 	}
 	stop := make(chan struct{})
 	done := make(chan error)
@@ -170,9 +224,58 @@ func TestOrderAcrossChannels(t *testing.T) {
 	metricdatatest.AssertEqual(t, metricdata.Sum[int64]{Temporality: metricdata.CumulativeTemporality, IsMonotonic: true,
 		DataPoints: []metricdata.DataPoint[int64]{{Attributes: with(clientAttrs, semconv.NetworkIODirectionTransmit), Value: flows * 100}},
 	}, h.metric(t, metricBytes).Data.(metricdata.Sum[int64]), metricdatatest.IgnoreTimestamp())
-	metricdatatest.AssertEqual(t, metricdata.Sum[int64]{Temporality: metricdata.CumulativeTemporality,
-		DataPoints: []metricdata.DataPoint[int64]{{Attributes: attribute.NewSet(clientAttrs...), Value: 0}},
-	}, h.metric(t, metricActive).Data.(metricdata.Sum[int64]), metricdatatest.IgnoreTimestamp())
+}
+
+// tcp.active is observed at each collection from the connections the
+// attachment knows to be open, by attribute set (a set seen before stays,
+// at 0); once the recorder has stopped it is no longer observed.
+func TestActiveObserved(t *testing.T) {
+	h := newHarness(t, allAttrs)
+	other, server := clientCon, clientCon
+	other.ID, other.Local = 8, netip.MustParseAddrPort("10.0.0.1:54322")
+	server.ID, server.Role = 9, RoleServer
+	serverAttrs := []attribute.KeyValue{
+		semconv.NetworkTransportTCP, semconv.NetworkTypeIPv4, attrRole.String("server"),
+		semconv.NetworkPeerAddress("10.0.0.2"), semconv.NetworkLocalPort(54321),
+		semconv.ProcessPID(42), semconv.ProcessExecutableName("curl"),
+	}
+	active := func(pts ...metricdata.DataPoint[int64]) metricdata.Sum[int64] {
+		return metricdata.Sum[int64]{Temporality: metricdata.CumulativeTemporality, DataPoints: pts}
+	}
+	h.conns.set(clientCon, other, server)
+	metricdatatest.AssertEqual(t, active(
+		metricdata.DataPoint[int64]{Attributes: attribute.NewSet(clientAttrs...), Value: 2},
+		metricdata.DataPoint[int64]{Attributes: attribute.NewSet(serverAttrs...), Value: 1},
+	), h.metric(t, metricActive).Data.(metricdata.Sum[int64]), metricdatatest.IgnoreTimestamp())
+	h.conns.set(server) // the client series stays, at 0
+	metricdatatest.AssertEqual(t, active(
+		metricdata.DataPoint[int64]{Attributes: attribute.NewSet(clientAttrs...), Value: 0},
+		metricdata.DataPoint[int64]{Attributes: attribute.NewSet(serverAttrs...), Value: 1},
+	), h.metric(t, metricActive).Data.(metricdata.Sum[int64]), metricdatatest.IgnoreTimestamp())
+	// A connection that opened and closed between two collections gets
+	// its series too.
+	brief := clientCon
+	brief.ID, brief.PID = 10, 43
+	briefAttrs := append(clientAttrs[:len(clientAttrs)-2:len(clientAttrs)-2], semconv.ProcessPID(43), semconv.ProcessExecutableName("curl"))
+	h.closed.Publish(&ConnClosed{Time: start, Conn: brief})
+	h.rec.drain()
+	metricdatatest.AssertEqual(t, active(
+		metricdata.DataPoint[int64]{Attributes: attribute.NewSet(clientAttrs...), Value: 0},
+		metricdata.DataPoint[int64]{Attributes: attribute.NewSet(serverAttrs...), Value: 1},
+		metricdata.DataPoint[int64]{Attributes: attribute.NewSet(briefAttrs...), Value: 0},
+	), h.metric(t, metricActive).Data.(metricdata.Sum[int64]), metricdatatest.IgnoreTimestamp())
+	h.run(t)
+	var rm metricdata.ResourceMetrics
+	if err := h.reader.Collect(context.Background(), &rm); err != nil {
+		t.Fatal(err)
+	}
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			if m.Name == metricActive && len(m.Data.(metricdata.Sum[int64]).DataPoints) > 0 {
+				t.Errorf("tcp.active observed after the recorder stopped: %+v", m.Data)
+			}
+		}
+	}
 }
 
 func TestAttributeChoiceAndEphemeralPorts(t *testing.T) {
@@ -181,25 +284,25 @@ func TestAttributeChoiceAndEphemeralPorts(t *testing.T) {
 	server.Local, server.Remote = netip.MustParseAddrPort("[::1]:8080"), netip.MustParseAddrPort("[::1]:40000")
 
 	for _, tc := range []struct {
-		attrs probes.Attributes
+		attrs probe.Attributes
 		c     Conn
 		want  []attribute.KeyValue
 	}{
-		{probes.DefaultAttributes, server, []attribute.KeyValue{
+		{probe.DefaultAttributes, server, []attribute.KeyValue{
 			semconv.NetworkTransportTCP, semconv.NetworkTypeIPv6, attrRole.String("server"),
 			semconv.NetworkPeerAddress("::1"), semconv.NetworkLocalPort(8080),
 			semconv.ProcessExecutableName("curl")}},
-		{probes.AttrPID, server, []attribute.KeyValue{
+		{probe.AttrPID, server, []attribute.KeyValue{
 			semconv.NetworkTransportTCP, semconv.NetworkTypeIPv6, attrRole.String("server"), semconv.ProcessPID(42)}},
-		{probes.AttrServerPort, server, []attribute.KeyValue{
+		{probe.AttrServerPort, server, []attribute.KeyValue{
 			semconv.NetworkTransportTCP, semconv.NetworkTypeIPv6, attrRole.String("server"), semconv.NetworkLocalPort(8080)}},
-		{probes.AttrServerPort, clientCon, []attribute.KeyValue{
+		{probe.AttrServerPort, clientCon, []attribute.KeyValue{
 			semconv.NetworkTransportTCP, semconv.NetworkTypeIPv4, attrRole.String("client"), semconv.NetworkPeerPort(443)}},
 		{0, clientCon, []attribute.KeyValue{
 			semconv.NetworkTransportTCP, semconv.NetworkTypeIPv4, attrRole.String("client")}},
 	} {
 		h := newHarness(t, tc.attrs)
-		h.closed.Publish(&ConnClosed{Time: start, Conn: tc.c, Stats: Stats{BytesReceived: 1}})
+		h.closed.Publish(&ConnClosed{Time: start, Conn: tc.c, Counters: Counters{BytesReceived: 1}})
 		h.run(t)
 		got := h.metric(t, metricBytes).Data.(metricdata.Sum[int64]).DataPoints
 		want := with(tc.want, semconv.NetworkIODirectionReceive)
@@ -210,10 +313,10 @@ func TestAttributeChoiceAndEphemeralPorts(t *testing.T) {
 }
 
 func TestSpansWithKernelTimes(t *testing.T) {
-	h := newHarness(t, probes.DefaultAttributes, WithSpans())
+	h := newHarness(t, probe.DefaultAttributes, WithSpans())
 	end := start.Add(1500 * time.Millisecond)
 	h.closed.Publish(&ConnClosed{Time: end, Conn: clientCon, Duration: 1500 * time.Millisecond,
-		Stats: Stats{BytesSent: 123, SRTT: time.Millisecond}})
+		Counters: Counters{BytesSent: 123, SRTT: time.Millisecond}})
 	h.run(t)
 	spans := h.spans.Ended()
 	if len(spans) != 1 {
@@ -239,11 +342,11 @@ func TestSpansWithKernelTimes(t *testing.T) {
 }
 
 func TestFlowTableIsBounded(t *testing.T) {
-	h := newHarness(t, probes.DefaultAttributes, WithMaxFlows(8))
+	h := newHarness(t, probe.DefaultAttributes, WithMaxFlows(8))
 	for i := range uint64(1000) {
 		c := clientCon
 		c.ID = i + 1
-		h.stats.Publish(&ConnStats{Conn: c, Stats: Stats{BytesSent: 1}})
+		h.stats.Publish(&ConnStats{Conn: c, Counters: Counters{BytesSent: 1}})
 	}
 	h.run(t)
 	if n := len(h.rec.flows); n > 8 {
@@ -252,19 +355,20 @@ func TestFlowTableIsBounded(t *testing.T) {
 }
 
 func TestExplicitBucketsHint(t *testing.T) {
-	bus := probes.NewBus()
-	probes.Produce[ConnOpened](bus)
-	probes.Produce[ConnStats](bus)
-	closed := probes.Produce[ConnClosed](bus)
+	bus := probe.NewBus()
+	probe.Produce[ConnOpened](bus)
+	probe.Produce[ConnStats](bus)
+	closed := probe.Produce[ConnClosed](bus)
+	probe.Provide[openConns](bus, &fakeConns{open: map[uint64]Conn{}})
 	reader := sdkmetric.NewManualReader()
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
 	t.Cleanup(func() { bus.Close(); _ = mp.Shutdown(context.Background()) })
-	r, err := New().Telemetry(&probes.TelemetryEnv{Bus: bus, Buffer: 16, Meter: mp.Meter("test"),
+	r, err := New().Telemetry(&probe.TelemetryEnv{Bus: bus, Buffer: 16, Meter: mp.Meter("test"),
 		Tracer: sdktrace.NewTracerProvider().Tracer("test"), ExplicitBuckets: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	closed.Publish(&ConnClosed{Conn: clientCon, Duration: time.Second, Stats: Stats{SRTT: time.Millisecond}})
+	closed.Publish(&ConnClosed{Conn: clientCon, Duration: time.Second, Counters: Counters{SRTT: time.Millisecond}})
 	stop := make(chan struct{})
 	close(stop)
 	if err := r.Run(stop); err != nil {
@@ -291,19 +395,18 @@ func TestExplicitBucketsHint(t *testing.T) {
 func BenchmarkRecordFlow(b *testing.B) {
 	h := newHarness(b, allAttrs)
 	r := h.rec
-	st := Stats{BytesSent: 1000, BytesReceived: 2000, SegmentsOut: 10, SegmentsIn: 12, SRTT: 50 * time.Microsecond}
+	st := Counters{BytesSent: 1000, BytesReceived: 2000, SegmentsOut: 10, SegmentsIn: 12, SRTT: 50 * time.Microsecond}
 	b.ReportAllocs()
 	var id uint64
 	for b.Loop() {
 		id++
 		c := clientCon
 		c.ID = id
-		r.recordOpened(&ConnOpened{Time: start, Conn: c})
-		r.recordStats(&ConnStats{Time: start, Conn: c, Stats: st})
+		r.recordStats(&ConnStats{Time: start, Conn: c, Counters: st})
 		fin := st
 		fin.BytesSent += 500
 		fin.SegmentsOut += 2
-		r.recordClosed(&ConnClosed{Time: start, Conn: c, Stats: fin, Duration: time.Millisecond})
+		r.recordClosed(&ConnClosed{Time: start, Conn: c, Counters: fin, Duration: time.Millisecond})
 	}
 }
 
@@ -312,7 +415,7 @@ func BenchmarkRecordFlow(b *testing.B) {
 func BenchmarkRecordStats(b *testing.B) {
 	h := newHarness(b, allAttrs)
 	r := h.rec
-	e := ConnStats{Conn: clientCon, Stats: Stats{SRTT: 50 * time.Microsecond}}
+	e := ConnStats{Conn: clientCon, Counters: Counters{SRTT: 50 * time.Microsecond}}
 	b.ReportAllocs()
 	for b.Loop() {
 		e.BytesSent += 1000
@@ -328,7 +431,7 @@ func BenchmarkRecordStats(b *testing.B) {
 func BenchmarkRecordFlowNewPeers(b *testing.B) {
 	h := newHarness(b, allAttrs)
 	r := h.rec
-	st := Stats{BytesSent: 1000, BytesReceived: 2000, SegmentsOut: 10, SegmentsIn: 12, SRTT: 50 * time.Microsecond}
+	st := Counters{BytesSent: 1000, BytesReceived: 2000, SegmentsOut: 10, SegmentsIn: 12, SRTT: 50 * time.Microsecond}
 	b.ReportAllocs()
 	var id uint64
 	for b.Loop() {
@@ -336,9 +439,8 @@ func BenchmarkRecordFlowNewPeers(b *testing.B) {
 		c := clientCon
 		c.ID = id
 		c.Remote = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(id >> 16), byte(id >> 8), byte(id)}), 443)
-		r.recordOpened(&ConnOpened{Time: start, Conn: c})
-		r.recordStats(&ConnStats{Time: start, Conn: c, Stats: st})
-		r.recordClosed(&ConnClosed{Time: start, Conn: c, Stats: st, Duration: time.Millisecond})
+		r.recordStats(&ConnStats{Time: start, Conn: c, Counters: st})
+		r.recordClosed(&ConnClosed{Time: start, Conn: c, Counters: st, Duration: time.Millisecond})
 	}
 }
 

@@ -4,6 +4,7 @@ package tcp_test
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"maps"
@@ -21,8 +22,12 @@ import (
 	"testing"
 	"time"
 
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+
 	"github.com/flowmill/flowmill"
 	"github.com/flowmill/flowmill/internal/cgroupfs"
+	"github.com/flowmill/flowmill/internal/sockdiag"
 	"github.com/flowmill/flowmill/internal/testutil"
 	"github.com/flowmill/flowmill/probes/tcp"
 )
@@ -57,13 +62,13 @@ func TestExactBytes(t *testing.T) {
 					if e.Local.Addr().Is4() != (network == "tcp4") || !e.Local.Addr().IsLoopback() {
 						t.Errorf("%v: local address %v on %s", e.Role, e.Local, network)
 					}
-					if e.ID == 0 || e.Duration <= 0 || e.SegmentsIn == 0 || e.SegmentsOut == 0 {
+					if e.ID == 0 || e.Duration <= 0 || e.SegmentsIn == 0 || e.SegmentsOut == 0 || e.Missing != 0 {
 						t.Errorf("%v: incomplete event %+v", e.Role, e)
 					}
 					// Retransmits are left out: loopback can see a tail
 					// loss probe. TestRetransmits checks them.
 					if e.ResetsSent != 0 || e.ResetsReceived != 0 {
-						t.Errorf("%v: unexpected resets %+v", e.Role, e.Stats)
+						t.Errorf("%v: unexpected resets %+v", e.Role, e.Counters)
 					}
 				}
 				if o.ID != c.ID || !o.Time.Before(c.Time) || c.Time.Sub(o.Time) != c.Duration {
@@ -111,7 +116,7 @@ func TestSeparateProcesses(t *testing.T) {
 			t.Errorf("pids: client %d (want %d), server %d (want %d)", c.PID, cmd.Process.Pid, srv.PID, os.Getpid())
 		}
 		if c.BytesSent != up || c.BytesReceived != down || srv.BytesSent != down || srv.BytesReceived != up {
-			t.Errorf("client %+v server %+v", c.Stats, srv.Stats)
+			t.Errorf("client %+v server %+v", c.Counters, srv.Counters)
 		}
 	})
 
@@ -271,7 +276,7 @@ func TestPeriodicStatsOtherNetns(t *testing.T) {
 		return e.PID == uint32(cmd.Process.Pid) && e.Role == tcp.RoleClient && e.BytesSent == n
 	})
 	if e.SegmentsOut == 0 || e.SRTT == 0 {
-		t.Errorf("stats %+v", e.Stats)
+		t.Errorf("stats %+v", e.Counters)
 	}
 }
 
@@ -419,7 +424,9 @@ func TestScope(t *testing.T) {
 			go func() { io.Copy(io.Discard, c); c.Close() }()
 		}
 	}()
-	run := func(t *testing.T, opts ...flowmill.Option) (mine, other bool) {
+	// run reports whether the session saw the connection of another
+	// process; with want, it waits for it rather than trust the marker.
+	run := func(t *testing.T, want bool, opts ...flowmill.Option) (mine, other bool) {
 		s := startSession(t, append(opts, flowmill.WithProbes(tcp.New()))...)
 		closed := subscribe[tcp.ConnClosed](t, s)
 		cmd := helperClient(t, ln.Addr().String(), 10)
@@ -442,17 +449,26 @@ func TestScope(t *testing.T) {
 			case e := <-closed.Events():
 				other = other || e.PID == uint32(cmd.Process.Pid)
 			default:
+				if want && !other {
+					// The other process may have exited with its
+					// socket still closing (CLOSING, LAST_ACK): its
+					// close can come after the marker's.
+					waitFor(t, closed, "the other process's close", func(e *tcp.ConnClosed) bool {
+						return e.PID == uint32(cmd.Process.Pid)
+					})
+					other = true
+				}
 				return true, other
 			}
 		}
 	}
 	t.Run("process", func(t *testing.T) {
-		if _, other := run(t); other {
+		if _, other := run(t, false); other {
 			t.Error("default scope reported another process's connection")
 		}
 	})
 	t.Run("host", func(t *testing.T) {
-		if _, other := run(t, flowmill.WithHostScope()); !other {
+		if _, other := run(t, true, flowmill.WithHostScope()); !other {
 			t.Error("host scope missed another process's connection")
 		}
 	})
@@ -535,6 +551,8 @@ func TestChurn(t *testing.T) {
 	seen := map[uint16]int{}
 	clientIDs, serverIDs := map[uint64]bool{}, map[uint64]bool{}
 	timeout := time.After(testutil.Timeout(20 * time.Second))
+	missing := 0 // sides whose hooks the kernel skipped (Stats.Missed)
+wait:
 	for len(clientIDs) < n || len(serverIDs) < n {
 		select {
 		case e := <-closed.Events():
@@ -554,11 +572,20 @@ func TestChurn(t *testing.T) {
 				serverIDs[e.ID] = true
 			}
 		case <-timeout:
+			// On 7.x a task preempted inside a program makes the
+			// next hit on that CPU skip it. inet_sock_set_state has
+			// two programs (FM_TWICE); a hit both skipped loses at
+			// most one side of one connection, and is counted.
 			st, _ := s.Stats()
+			missing = 2*n - len(clientIDs) - len(serverIDs)
+			if uint64(missing) <= st.Missed {
+				t.Logf("%d sides not reported, %d hook hits skipped by the kernel: saw %d client and %d server closes of %d", missing, st.Missed, len(clientIDs), len(serverIDs), n)
+				break wait
+			}
 			t.Fatalf("saw %d client and %d server closes of %d; session stats %+v", len(clientIDs), len(serverIDs), n, st)
 		}
 	}
-	if !maps.Equal(seen, want) {
+	if missing == 0 && !maps.Equal(seen, want) {
 		t.Errorf("connections per client port differ from those made")
 	}
 	st, err := s.Stats()
@@ -568,8 +595,8 @@ func TestChurn(t *testing.T) {
 	if st.EventsLost != 0 || st.Evicted != 0 || st.Dropped != 0 {
 		t.Errorf("losses: %+v", st)
 	}
-	if st.EventsRead < 4*n {
-		t.Errorf("events read %d, want at least %d", st.EventsRead, 4*n)
+	if st.EventsRead < uint64(4*n-2*missing) {
+		t.Errorf("events read %d, want at least %d", st.EventsRead, 4*n-2*missing)
 	}
 }
 
@@ -578,6 +605,7 @@ func TestChurn(t *testing.T) {
 func TestEvictionsCounted(t *testing.T) {
 	s := startSession(t, flowmill.WithProbes(tcp.New(tcp.WithMaxFlows(64), tcp.WithStatsInterval(0))))
 	closed := subscribe[tcp.ConnClosed](t, s)
+	opened := subscribe[tcp.ConnOpened](t, s)
 	ln := listen(t, "tcp4", "127.0.0.1:0")
 	const n = 500
 	srv := make(chan net.Conn, n)
@@ -604,25 +632,52 @@ func TestEvictionsCounted(t *testing.T) {
 		c.Close()
 	}
 	sp := port(ln.Addr())
+	// Until every flow is accounted for: the closes take a while on a
+	// loaded machine, and a flow still closing is neither reported nor
+	// evicted. More than 2n would be a flow counted twice.
 	reported := 0
-	deadline := time.After(testutil.Timeout(3 * time.Second))
-loop:
-	for {
+	roles := map[tcp.Role]int{}
+	accounted := func() uint64 {
+		st, err := s.Stats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Evicted == 0 || uint64(reported)+st.Evicted > 2*n {
+			t.Fatalf("%d flows: %d reported + %d evicted", 2*n, reported, st.Evicted)
+		}
+		return uint64(reported) + st.Evicted
+	}
+	deadline := time.After(testutil.Timeout(10 * time.Second))
+	check := time.NewTicker(50 * time.Millisecond)
+	defer check.Stop()
+	for accounted() != 2*n {
 		select {
 		case e := <-closed.Events():
 			if (e.Role == tcp.RoleClient && e.Remote.Port() == sp) || (e.Role == tcp.RoleServer && e.Local.Port() == sp) {
 				reported++
+				roles[e.Role]++
 			}
+		case <-check.C:
 		case <-deadline:
-			break loop
+			st, _ := s.Stats()
+			states := map[uint8]int{} // of the sockets left on the port
+			sockdiag.Dump(func(so *sockdiag.Socket) {
+				if so.Local.Port() == sp || so.Remote.Port() == sp {
+					states[so.State]++
+				}
+			})
+			ids := map[uint64]int{}
+			for len(opened.Events()) > 0 {
+				ids[(<-opened.Events()).ID]++
+			}
+			t.Fatalf("%d flows: %d reported (by role %v) + %d evicted after 10s (session stats %+v; sockets left on the port by state: %v; %d opens, %d IDs)",
+				2*n, reported, roles, st.Evicted, st, states, func() (n int) {
+					for _, c := range ids {
+						n += c
+					}
+					return n
+				}(), len(ids))
 		}
-	}
-	st, err := s.Stats()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st.Evicted == 0 || uint64(reported)+st.Evicted != 2*n {
-		t.Errorf("%d flows: %d reported + %d evicted", 2*n, reported, st.Evicted)
 	}
 }
 
@@ -661,4 +716,70 @@ func parent(d string) string {
 		return "/"
 	}
 	return d[:i]
+}
+
+// tcp.active counts the connections still open, exactly, also after the
+// kernel evicted flows from a table too small for them: their closes are
+// never reported, and the exporter does not count them open forever.
+func TestActiveExactAfterEvictions(t *testing.T) {
+	s := startSession(t, flowmill.WithProbes(tcp.New(tcp.WithMaxFlows(64), tcp.WithStatsInterval(0))))
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	t.Cleanup(func() { mp.Shutdown(context.Background()) })
+	exp, err := flowmill.NewExporter(s, flowmill.WithMeterProvider(mp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { exp.Close() })
+	active := func() int64 {
+		var rm metricdata.ResourceMetrics
+		if err := reader.Collect(context.Background(), &rm); err != nil {
+			t.Fatal(err)
+		}
+		var n int64
+		for _, sm := range rm.ScopeMetrics {
+			for _, m := range sm.Metrics {
+				if m.Name == "tcp.active" {
+					for _, p := range m.Data.(metricdata.Sum[int64]).DataPoints {
+						n += p.Value
+					}
+				}
+			}
+		}
+		return n
+	}
+	ln := listen(t, "tcp4", "127.0.0.1:0")
+	const n = 300 // 600 flows for a table of 64
+	srv := make(chan net.Conn, n)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			srv <- c
+		}
+	}()
+	var conns []net.Conn
+	for range n {
+		c, err := net.Dial("tcp4", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c, <-srv)
+	}
+	if a := active(); a <= 0 || a > 64 {
+		t.Errorf("tcp.active = %d with %d flows open, of which the kernel's table holds at most 64", a, 2*n)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	deadline := time.Now().Add(testutil.Timeout(10 * time.Second))
+	for a := active(); a != 0; a = active() {
+		if time.Now().After(deadline) {
+			st, _ := s.Stats()
+			t.Fatalf("tcp.active = %d after every connection closed (session stats %+v)", a, st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

@@ -29,7 +29,8 @@ type tcpBPFFlow struct {
 	States       uint16
 	Role         uint8
 	Closed       uint8
-	_            [4]byte
+	Missing      uint8
+	_            [3]byte
 }
 
 type tcpBPFFmIdState struct {
@@ -44,13 +45,6 @@ type tcpBPFFmTask struct {
 	Pid      uint32
 	Tid      uint32
 	Comm     [16]int8
-}
-
-type tcpBPFListenerKey struct {
-	_     structs.HostLayout
-	Netns uint32
-	Port  uint16
-	Pad   uint16
 }
 
 type tcpBPFSnap struct {
@@ -83,7 +77,8 @@ type tcpBPFTcpEvent struct {
 	RstReceived uint32
 	Kind        uint8
 	Role        uint8
-	_           [6]byte
+	Missing     uint8
+	_           [5]byte
 }
 
 type tcpBPFTcpTuple struct {
@@ -101,21 +96,24 @@ type tcpBPFTcpTuple struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	tcpBPFMapCounters        = "counters"
-	tcpBPFMapEvents          = "events"
-	tcpBPFMapFlows           = "flows"
-	tcpBPFMapFmIds           = "fm_ids"
-	tcpBPFMapListeners       = "listeners"
-	tcpBPFMapScopeCgroup     = "scope_cgroup"
-	tcpBPFMapSnaps           = "snaps"
-	tcpBPFProgOnDestroySock  = "on_destroy_sock"
-	tcpBPFProgOnReceiveReset = "on_receive_reset"
-	tcpBPFProgOnSendReset    = "on_send_reset"
-	tcpBPFProgOnSetState     = "on_set_state"
-	tcpBPFVarFmScopeKind     = "fm_scope_kind"
-	tcpBPFVarFmScopeTgid     = "fm_scope_tgid"
-	tcpBPFVarFmWakeupBytes   = "fm_wakeup_bytes"
-	tcpBPFVarUnusedTcpEvent  = "unused_tcp_event"
+	tcpBPFMapCounters            = "counters"
+	tcpBPFMapEvents              = "events"
+	tcpBPFMapFlows               = "flows"
+	tcpBPFMapFmIds               = "fm_ids"
+	tcpBPFMapListeners           = "listeners"
+	tcpBPFMapScopeCgroup         = "scope_cgroup"
+	tcpBPFMapSeededListeners     = "seeded_listeners"
+	tcpBPFMapSnaps               = "snaps"
+	tcpBPFProgOnDestroySock      = "on_destroy_sock"
+	tcpBPFProgOnDestroySockAgain = "on_destroy_sock_again"
+	tcpBPFProgOnReceiveReset     = "on_receive_reset"
+	tcpBPFProgOnSendReset        = "on_send_reset"
+	tcpBPFProgOnSetState         = "on_set_state"
+	tcpBPFProgOnSetStateAgain    = "on_set_state_again"
+	tcpBPFVarFmScopeKind         = "fm_scope_kind"
+	tcpBPFVarFmScopeTgid         = "fm_scope_tgid"
+	tcpBPFVarFmWakeupBytes       = "fm_wakeup_bytes"
+	tcpBPFVarUnusedTcpEvent      = "unused_tcp_event"
 )
 
 // loadTcpBPF returns the embedded CollectionSpec for tcpBPF.
@@ -160,23 +158,26 @@ type tcpBPFSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tcpBPFProgramSpecs struct {
-	OnDestroySock  *ebpf.ProgramSpec `ebpf:"on_destroy_sock"`
-	OnReceiveReset *ebpf.ProgramSpec `ebpf:"on_receive_reset"`
-	OnSendReset    *ebpf.ProgramSpec `ebpf:"on_send_reset"`
-	OnSetState     *ebpf.ProgramSpec `ebpf:"on_set_state"`
+	OnDestroySock      *ebpf.ProgramSpec `ebpf:"on_destroy_sock"`
+	OnDestroySockAgain *ebpf.ProgramSpec `ebpf:"on_destroy_sock_again"`
+	OnReceiveReset     *ebpf.ProgramSpec `ebpf:"on_receive_reset"`
+	OnSendReset        *ebpf.ProgramSpec `ebpf:"on_send_reset"`
+	OnSetState         *ebpf.ProgramSpec `ebpf:"on_set_state"`
+	OnSetStateAgain    *ebpf.ProgramSpec `ebpf:"on_set_state_again"`
 }
 
 // tcpBPFMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tcpBPFMapSpecs struct {
-	Counters    *ebpf.MapSpec `ebpf:"counters"`
-	Events      *ebpf.MapSpec `ebpf:"events"`
-	Flows       *ebpf.MapSpec `ebpf:"flows"`
-	FmIds       *ebpf.MapSpec `ebpf:"fm_ids"`
-	Listeners   *ebpf.MapSpec `ebpf:"listeners"`
-	ScopeCgroup *ebpf.MapSpec `ebpf:"scope_cgroup"`
-	Snaps       *ebpf.MapSpec `ebpf:"snaps"`
+	Counters        *ebpf.MapSpec `ebpf:"counters"`
+	Events          *ebpf.MapSpec `ebpf:"events"`
+	Flows           *ebpf.MapSpec `ebpf:"flows"`
+	FmIds           *ebpf.MapSpec `ebpf:"fm_ids"`
+	Listeners       *ebpf.MapSpec `ebpf:"listeners"`
+	ScopeCgroup     *ebpf.MapSpec `ebpf:"scope_cgroup"`
+	SeededListeners *ebpf.MapSpec `ebpf:"seeded_listeners"`
+	Snaps           *ebpf.MapSpec `ebpf:"snaps"`
 }
 
 // tcpBPFVariableSpecs contains global variables before they are loaded into the kernel.
@@ -209,13 +210,14 @@ func (o *tcpBPFObjects) Close() error {
 //
 // It can be passed to loadTcpBPFObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tcpBPFMaps struct {
-	Counters    *ebpf.Map `ebpf:"counters"`
-	Events      *ebpf.Map `ebpf:"events"`
-	Flows       *ebpf.Map `ebpf:"flows"`
-	FmIds       *ebpf.Map `ebpf:"fm_ids"`
-	Listeners   *ebpf.Map `ebpf:"listeners"`
-	ScopeCgroup *ebpf.Map `ebpf:"scope_cgroup"`
-	Snaps       *ebpf.Map `ebpf:"snaps"`
+	Counters        *ebpf.Map `ebpf:"counters"`
+	Events          *ebpf.Map `ebpf:"events"`
+	Flows           *ebpf.Map `ebpf:"flows"`
+	FmIds           *ebpf.Map `ebpf:"fm_ids"`
+	Listeners       *ebpf.Map `ebpf:"listeners"`
+	ScopeCgroup     *ebpf.Map `ebpf:"scope_cgroup"`
+	SeededListeners *ebpf.Map `ebpf:"seeded_listeners"`
+	Snaps           *ebpf.Map `ebpf:"snaps"`
 }
 
 func (m *tcpBPFMaps) Close() error {
@@ -226,6 +228,7 @@ func (m *tcpBPFMaps) Close() error {
 		m.FmIds,
 		m.Listeners,
 		m.ScopeCgroup,
+		m.SeededListeners,
 		m.Snaps,
 	)
 }
@@ -244,18 +247,22 @@ type tcpBPFVariables struct {
 //
 // It can be passed to loadTcpBPFObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tcpBPFPrograms struct {
-	OnDestroySock  *ebpf.Program `ebpf:"on_destroy_sock"`
-	OnReceiveReset *ebpf.Program `ebpf:"on_receive_reset"`
-	OnSendReset    *ebpf.Program `ebpf:"on_send_reset"`
-	OnSetState     *ebpf.Program `ebpf:"on_set_state"`
+	OnDestroySock      *ebpf.Program `ebpf:"on_destroy_sock"`
+	OnDestroySockAgain *ebpf.Program `ebpf:"on_destroy_sock_again"`
+	OnReceiveReset     *ebpf.Program `ebpf:"on_receive_reset"`
+	OnSendReset        *ebpf.Program `ebpf:"on_send_reset"`
+	OnSetState         *ebpf.Program `ebpf:"on_set_state"`
+	OnSetStateAgain    *ebpf.Program `ebpf:"on_set_state_again"`
 }
 
 func (p *tcpBPFPrograms) Close() error {
 	return _TcpBPFClose(
 		p.OnDestroySock,
+		p.OnDestroySockAgain,
 		p.OnReceiveReset,
 		p.OnSendReset,
 		p.OnSetState,
+		p.OnSetStateAgain,
 	)
 }
 

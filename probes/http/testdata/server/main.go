@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -33,9 +34,21 @@ type line struct {
 	Client *fmhttp.ClientRequest `json:"client,omitempty"`
 }
 
+// timeout scales d by $FLOWMILL_TEST_TIMEOUT_SCALE, as the tests' own
+// deadlines are (testutil.Timeout): the kernel matrix runs this program
+// under emulation, many times slower.
+func timeout(d time.Duration) time.Duration {
+	if s, err := strconv.ParseFloat(os.Getenv("FLOWMILL_TEST_TIMEOUT_SCALE"), 64); err == nil && s > 1 {
+		return time.Duration(float64(d) * s)
+	}
+	return d
+}
+
 func main() {
 	mode := flag.String("mode", "probe", "probe: flowmill with the HTTP probe; empty: empty uprobes where the probe attaches (the benchmark's baseline); none: no uprobes")
 	quiet := flag.Bool("quiet", false, "consume spans without writing them (benchmarks)")
+	propagate := flag.Bool("propagate", true, "probe mode: propagate trace context (off: http.WithoutPropagation)")
+	pre := flag.String("pre", "", "a URL requested before flowmill starts, on a connection kept for /call?client=pre")
 	flag.Parse()
 	var mu sync.Mutex
 	enc := json.NewEncoder(os.Stdout)
@@ -53,7 +66,7 @@ func main() {
 		os.Exit(1)
 	}
 	base := "http://" + ln.Addr().String()
-	client := &http.Client{Timeout: 10 * time.Second}
+	client := &http.Client{Timeout: timeout(10 * time.Second)}
 	get := func(ctx context.Context, url string) (int, error) {
 		req, err := http.NewRequestWithContext(ctx, "GET", url, nil)
 		if err != nil {
@@ -113,6 +126,20 @@ func main() {
 		w.WriteHeader(http.StatusBadGateway)
 	})
 	mux.HandleFunc("GET /empty", func(w http.ResponseWriter, r *http.Request) {})
+	// A connection opened before flowmill starts (propagation does not
+	// track it).
+	preClient := &http.Client{Transport: &http.Transport{MaxConnsPerHost: 1}, Timeout: timeout(10 * time.Second)}
+	if *pre != "" {
+		resp, err := preClient.Get(*pre)
+		if err != nil {
+			emit(line{Error: err.Error()})
+			os.Exit(1)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	// /call makes outgoing requests as asked (see call.go).
+	mux.HandleFunc("GET /call", callHandler(preClient))
 
 	var counted []*ebpf.Program
 	mux.HandleFunc("GET /__stats", func(w http.ResponseWriter, r *http.Request) {
@@ -124,6 +151,10 @@ func main() {
 			}
 		}
 		fmt.Fprintf(w, "%d %d\n", hits, ns)
+	})
+	// Every program's run count and time, by name (see progStats).
+	mux.HandleFunc("GET /__progstats", func(w http.ResponseWriter, r *http.Request) {
+		json.NewEncoder(w).Encode(progStats())
 	})
 	switch *mode {
 	case "empty":
@@ -148,7 +179,11 @@ func main() {
 			os.Exit(2)
 		}
 		defer stats.Close()
-		p := fmhttp.New()
+		var opts []fmhttp.Option
+		if !*propagate {
+			opts = append(opts, fmhttp.WithoutPropagation())
+		}
+		p := fmhttp.New(opts...)
 		sess, err := flowmill.Start(ctx, flowmill.WithProbes(p), flowmill.WithMaxLatency(10*time.Millisecond))
 		if err != nil {
 			emit(line{Error: err.Error()})
@@ -172,7 +207,8 @@ func main() {
 		mux.HandleFunc("GET /__losses", func(w http.ResponseWriter, r *http.Request) {
 			st, err := sess.Stats()
 			json.NewEncoder(w).Encode(map[string]any{"session": st, "error": fmt.Sprint(err),
-				"server_dropped": srv.Dropped(), "client_dropped": cli.Dropped()})
+				"server_dropped": srv.Dropped(), "client_dropped": cli.Dropped(),
+				"propagation": p.PropagationStats()})
 		})
 		go func() {
 			for r := range srv.Events() {
@@ -194,7 +230,11 @@ func main() {
 		emit(line{Error: "unknown -mode " + *mode})
 		os.Exit(2)
 	}
-	hs := &http.Server{Handler: mux}
+	// HTTP/1 and h2c (HTTP/2 with prior knowledge) on the same port.
+	var protos http.Protocols
+	protos.SetHTTP1(true)
+	protos.SetUnencryptedHTTP2(true)
+	hs := &http.Server{Handler: mux, Protocols: &protos}
 	go hs.Serve(ln)
 	emit(line{Listen: ln.Addr().String()})
 	<-ctx.Done()

@@ -1,4 +1,4 @@
-package probes
+package probe
 
 import (
 	"go.opentelemetry.io/otel/log"
@@ -119,6 +119,8 @@ const (
 
 	// DefaultAttributes is what the exporter uses unless told otherwise.
 	DefaultAttributes = AttrPeerAddress | AttrServerPort | AttrExecutable
+	// AllAttributes is every group.
+	AllAttributes = AttrPeerAddress | AttrServerPort | AttrExecutable | AttrPID
 )
 
 // Has reports whether every group of g is selected in a.

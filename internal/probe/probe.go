@@ -10,7 +10,7 @@
 //
 // Users pick families with flowmill.WithProbes; they rarely need this
 // package directly.
-package probes
+package probe
 
 import (
 	"errors"
@@ -99,6 +99,22 @@ type Stats struct {
 	// skipped hit was in the session's scope, so it is not counted as
 	// lost. Linux 5.12 and later; 0 before.
 	Missed uint64
+	// Malformed is records read from a ring buffer that could not be
+	// decoded (shorter than their layout, of an unknown kind, naming
+	// something that cannot be resolved); each is dropped.
+	Malformed uint64
+	// Incomplete is events delivered with some fields unknown because the
+	// kernel could not read them (a closing socket's counters, for
+	// instance); the event says which fields are missing.
+	Incomplete uint64
+	// Unsupported is activity in scope that the probe saw but does not
+	// instrument (outgoing requests that cannot carry injected trace
+	// context, for instance).
+	Unsupported uint64
+	// PollsFailed is periodic reads of kernel state that failed for part
+	// of the scope (a network namespace whose sock_diag dump failed); what
+	// they would have reported is missing from that round.
+	PollsFailed uint64
 }
 
 // Attachment is a loaded and attached probe.
@@ -116,6 +132,11 @@ type Attachment interface {
 type Probe interface {
 	// Name is a short name for errors and logs ("tcp").
 	Name() string
+	// Prepare reports the family's invalid options, if any, and declares
+	// the event types it produces on b (with Produce), so that users can
+	// subscribe before it attaches. It touches no kernel state. The
+	// session calls it once, before Attach.
+	Prepare(b *Bus) error
 	// Attach loads and attaches the probe.
 	Attach(env *Env) (Attachment, error)
 }
