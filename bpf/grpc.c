@@ -609,8 +609,11 @@ static __always_inline int client_enter(struct pt_regs *ctx, __u64 cc, __u64 c, 
 	}
 	if (e->parent_kind == GRPC_PARENT_NONE)
 		go_new_trace(e->trace_id);
-	/* Sampled unless its trace came unsampled from a remote caller. */
-	if (!(pflags & GRPC_F_REMOTE_PARENT) || (pflags & GRPC_F_SAMPLED))
+	/* Sampled as a served HTTP request it belongs to is (see http.c,
+	 * root_sampled); else unless its trace came unsampled from a remote
+	 * caller. */
+	if (e->parent_kind == GRPC_PARENT_HTTP ? (pflags & GRPC_F_SAMPLED) :
+	    (!(pflags & GRPC_F_REMOTE_PARENT) || (pflags & GRPC_F_SAMPLED)))
 		e->flags |= GRPC_F_SAMPLED;
 	map_add(&grpc_clients, &key, e, GRPC_CTR_CLIENTS_ADD);
 	if (!fm_gen_end(&sc->gen, gen)) {

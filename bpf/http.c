@@ -87,6 +87,9 @@ enum {
 	 * kept for their handler (h2_ctxs full, or h2_headers overtaken on
 	 * its CPU): they start a trace of their own. */
 	HTTP_CTR_H2_CTX_LOST,
+	/* Requests not counted in the request metrics: the series table
+	 * (red) was full. */
+	HTTP_CTR_RED_FULL,
 };
 
 /* Whether outgoing requests get trace context (set by the loader). */
@@ -901,6 +904,165 @@ static __always_inline void h2_context(struct scratch *sc, __u64 rws, struct htt
 	bpf_map_delete_elem(&h2_ctxs, &st);
 }
 
+/* ---- sampling and request metrics ---- */
+
+/* Trace sampling, set by user space after loading (and whenever it
+ * changes). A trace flowmill starts is sampled when the upper 63 bits of
+ * the last 8 bytes of its ID, big-endian, are below bound: the rule of the
+ * OpenTelemetry SDKs' TraceIDRatioBased sampler, so that an SDK with the
+ * same ratio takes the same decision on the same trace. A request with a
+ * remote parent follows the parent's sampled flag. With drop set, a
+ * request that is not sampled sends no record (its metrics are counted
+ * all the same, below). */
+struct sampling_cfg {
+	__u64 bound; /* ratio * 2^63; 1 << 63: every trace */
+	__u32 drop;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sampling_cfg);
+} sampling SEC(".maps");
+
+static __always_inline bool root_sampled(const __u8 id[16])
+{
+	__u32 zero = 0;
+	struct sampling_cfg *c = bpf_map_lookup_elem(&sampling, &zero);
+	__u64 x;
+
+	if (!c)
+		return true;
+	__builtin_memcpy(&x, id + 8, 8);
+	return (__builtin_bswap64(x) >> 1) < c->bound;
+}
+
+/* sends_record reports whether a request of these flags sends a record. */
+static __always_inline bool sends_record(__u8 flags)
+{
+	__u32 zero = 0;
+	struct sampling_cfg *c = bpf_map_lookup_elem(&sampling, &zero);
+
+	return !c || !c->drop || (flags & HTTP_F_SAMPLED);
+}
+
+/* Request metrics (RED: rate, errors, duration), aggregated here from every
+ * request, sampled or not: a series per set of metric attributes (red_key),
+ * each a log-linear histogram of durations: bucket 0 below 2^10 ns, then
+ * 2^RED_SUB_BITS buckets per power of two up to 2^41 ns, the last bucket
+ * above. Each bucket keeps its count and the sum of its durations, so user
+ * space has the exact count and sum of every bucket. Cumulative: user
+ * space reads the table when metrics are collected and takes the growth. */
+#define RED_SUB_BITS 3
+#define RED_BUCKETS 256
+#define RED_MIN_LOG 10
+#define RED_MAX_LOG 40
+#define RED_STR_MAX ROUTE_MAX
+
+struct red_key {
+	__u8 kind;        /* HTTP_SERVER, HTTP_CLIENT */
+	__u8 flags;       /* HTTP_F_METHOD_RO, HTTP_F_ROUTE_RO, HTTP_F_HIJACKED */
+	__u8 method_len;
+	__u8 proto_major;
+	__u8 proto_minor;
+	__u8 scheme;
+	__u16 status;
+	__u16 str_len;    /* of str */
+	__u16 pad[3];
+	__u64 err_itab;   /* client: the error's itab, 0 if none */
+	char method[METHOD_MAX];
+	char str[RED_STR_MAX]; /* server: the route (pattern); client: URL.Host */
+};
+
+struct red_bucket {
+	__u64 count;
+	__u64 sum_ns;
+};
+
+struct red_hist {
+	struct red_bucket b[RED_BUCKETS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 512);
+	__type(key, struct red_key);
+	__type(value, struct red_hist);
+} red SEC(".maps");
+
+/* The zero histogram, a new series' first value. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct red_hist);
+} red_zero SEC(".maps");
+
+static __always_inline __u32 fm_log2(__u64 v)
+{
+	__u32 r = 0;
+
+	if (v >> 32) { v >>= 32; r += 32; }
+	if (v >> 16) { v >>= 16; r += 16; }
+	if (v >> 8) { v >>= 8; r += 8; }
+	if (v >> 4) { v >>= 4; r += 4; }
+	if (v >> 2) { v >>= 2; r += 2; }
+	if (v >> 1) r += 1;
+	return r;
+}
+
+static __always_inline __u32 red_index(__u64 ns)
+{
+	__u32 l;
+
+	if (ns < (1ULL << RED_MIN_LOG))
+		return 0;
+	l = fm_log2(ns);
+	if (l > RED_MAX_LOG)
+		return RED_BUCKETS - 1;
+	return 1 + ((l - RED_MIN_LOG) << RED_SUB_BITS) + ((ns >> (l - RED_SUB_BITS)) & ((1 << RED_SUB_BITS) - 1));
+}
+
+/* red_method sets the key's method from an event's (its bytes, or the
+ * address of a read-only string); bytes past its length stay 0. */
+static __always_inline void red_method(struct red_key *k, const struct http_event *e)
+{
+	k->method_len = e->method_len;
+	if (e->flags & HTTP_F_METHOD_RO) {
+		k->flags |= HTTP_F_METHOD_RO;
+		__builtin_memcpy(k->method, e->method, 8);
+	} else if (e->method_len) {
+		bpf_probe_read_kernel(k->method, fm_clamp(e->method_len, METHOD_MAX), e->method);
+	}
+}
+
+/* red_add counts a request of ns nanoseconds in the series k. The adds are
+ * atomic: the table is shared by all CPUs, and uprobe programs can be
+ * preempted. */
+static __always_inline void red_add(const struct red_key *k, __u64 ns)
+{
+	struct red_hist *h = bpf_map_lookup_elem(&red, k);
+	__u32 zero = 0, i;
+
+	if (!h) {
+		struct red_hist *z = bpf_map_lookup_elem(&red_zero, &zero);
+
+		if (!z)
+			return;
+		bpf_map_update_elem(&red, k, z, BPF_NOEXIST); /* or another CPU did */
+		h = bpf_map_lookup_elem(&red, k);
+		if (!h) {
+			fm_count(HTTP_CTR_RED_FULL);
+			return;
+		}
+	}
+	i = fm_mask(red_index(ns), RED_BUCKETS - 1);
+	__sync_fetch_and_add(&h->b[i].count, 1);
+	__sync_fetch_and_add(&h->b[i].sum_ns, ns);
+}
+
 /* ---- server ---- */
 
 /* begin_event starts the event of a request at its entry: the fields every
@@ -1019,6 +1181,8 @@ parent:
 		e->flags = 0;
 		e->parent_span_id = 0;
 		new_trace(e->trace_id);
+		if (root_sampled(e->trace_id))
+			e->flags |= HTTP_F_SAMPLED;
 	} else if (sc->ts.len) {
 		/* Kept while the request is served, for the requests it
 		 * makes to pass on. */
@@ -1059,15 +1223,18 @@ int server_return(struct pt_regs *ctx)
 	__u64 key = gkey(ctx);
 	struct server_state *s = bpf_map_lookup_elem(&servers, &key);
 	struct http_event *e;
-	__u64 rctx, conn, resp, req, sid, lo, so, wo;
+	__u64 rctx, conn, resp, req, sid, lo, so, wo, start, end, written = 0;
+	struct red_key k;
 	struct gostr pat;
 	bool ours, h2;
 	char r[64];
 
 	if (!s)
 		return 0;
+	end = bpf_ktime_get_ns();
 	sid = s->ev.span_id;
 	asm volatile("" ::: "memory");
+	start = s->ev.start_ns;
 	rctx = s->ctx;
 	resp = s->resp;
 	req = s->req;
@@ -1077,55 +1244,75 @@ int server_return(struct pt_regs *ctx)
 
 		bpf_map_delete_elem(&tracestates, &id);
 	}
-	e = fm_reserve(sizeof(*e));
-	if (e) {
-		*e = s->ev;
-		e->end_ns = bpf_ktime_get_ns();
-		/* status and written are near each other: one read. */
-		if (h2) {
-			lo = off.h2_lo;
-			so = (off.h2_status - lo) & 63;
-			wo = (off.h2_written - lo) & 63;
-		} else {
-			lo = off.resp_lo;
-			so = (off.resp_status - lo) & 63;
-			wo = (off.resp_written - lo) & 63;
-		}
-		if (resp && !bpf_probe_read_user(r, sizeof(r), (const void *)(resp + lo))) {
-			__u64 v;
 
-			if (so <= 56) {
-				__builtin_memcpy(&v, r + so, 8);
-				e->status = v;
-			}
-			if (wo <= 56) {
-				__builtin_memcpy(&v, r + wo, 8);
-				e->resp_length = v;
-			}
-		}
-		e->route_len = 0;
-		/* Patterns are usually constants: passed by address. */
-		if (!bpf_probe_read_user(&pat, sizeof(pat), (const void *)(req + off.req_pattern)) &&
-		    pat.len > 0) {
-			__u64 n = pat.len > ROUTE_MAX ? ROUTE_MAX : pat.len;
+	/* What the metrics and the record share, in the metrics' key. */
+	__builtin_memset(&k, 0, sizeof(k));
+	k.kind = HTTP_SERVER;
+	k.proto_major = s->ev.proto_major;
+	k.proto_minor = s->ev.proto_minor;
+	k.scheme = s->ev.scheme;
+	red_method(&k, &s->ev);
+	/* status and written are near each other: one read. */
+	if (h2) {
+		lo = off.h2_lo;
+		so = (off.h2_status - lo) & 63;
+		wo = (off.h2_written - lo) & 63;
+	} else {
+		lo = off.resp_lo;
+		so = (off.resp_status - lo) & 63;
+		wo = (off.resp_written - lo) & 63;
+	}
+	if (resp && !bpf_probe_read_user(r, sizeof(r), (const void *)(resp + lo))) {
+		__u64 v;
 
-			if (in_ro((__u64)pat.ptr, n)) {
-				put_ro(e->route, (__u64)pat.ptr);
+		if (so <= 56) {
+			__builtin_memcpy(&v, r + so, 8);
+			k.status = v;
+		}
+		if (wo <= 56)
+			__builtin_memcpy(&written, r + wo, 8);
+	}
+	/* Patterns are usually constants: passed by address. */
+	if (!bpf_probe_read_user(&pat, sizeof(pat), (const void *)(req + off.req_pattern)) &&
+	    pat.len > 0) {
+		__u64 n = pat.len > ROUTE_MAX ? ROUTE_MAX : pat.len;
+
+		if (in_ro((__u64)pat.ptr, n)) {
+			put_ro(k.str, (__u64)pat.ptr);
+			k.flags |= HTTP_F_ROUTE_RO;
+			k.str_len = n;
+		} else if (!bpf_probe_read_user(k.str, fm_clamp(n, ROUTE_MAX), pat.ptr)) {
+			k.str_len = n;
+		}
+	}
+	if (!k.status && !h2) {
+		conn = read_u64(resp + off.resp_conn);
+		if (conn && (read_u64(conn + off.conn_hijacked) & 0xff))
+			k.flags |= HTTP_F_HIJACKED;
+	}
+	/* Counted once, by the entry's owner: an entry handed on (see
+	 * same_entry) is another request's. */
+	ours = same_entry(&s->ev.span_id, sid);
+	if (ours)
+		red_add(&k, end - start);
+
+	if (ours && sends_record(s->ev.flags)) {
+		e = fm_reserve(sizeof(*e));
+		if (e) {
+			*e = s->ev;
+			e->end_ns = end;
+			e->status = k.status;
+			e->resp_length = written;
+			e->flags |= k.flags & HTTP_F_HIJACKED;
+			e->route_len = k.str_len;
+			if (k.flags & HTTP_F_ROUTE_RO)
 				e->flags |= HTTP_F_ROUTE_RO;
-				e->route_len = n;
-			} else if (!bpf_probe_read_user(e->route, fm_clamp(n, ROUTE_MAX), pat.ptr)) {
-				e->route_len = n;
-			}
+			__builtin_memcpy(e->route, k.str, ROUTE_MAX);
+			if (same_entry(&s->ev.span_id, sid) && e->span_id == sid)
+				fm_submit(e, sizeof(*e));
+			else
+				bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
 		}
-		if (!e->status && !h2) {
-			conn = read_u64(resp + off.resp_conn);
-			if (conn && (read_u64(conn + off.conn_hijacked) & 0xff))
-				e->flags |= HTTP_F_HIJACKED;
-		}
-		if (same_entry(&s->ev.span_id, sid) && e->span_id == sid)
-			fm_submit(e, sizeof(*e));
-		else
-			bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
 	}
 	/* rctx is another request's if the element was handed on. */
 	ours = same_entry(&s->ev.span_id, sid);
@@ -1248,10 +1435,11 @@ int client_enter(struct pt_regs *ctx)
 			new_trace(e->trace_id);
 		}
 	}
-	/* What it propagates: the sampled flag of the traceparent its trace
-	 * came in with, sampled when flowmill started the trace (the probe
-	 * records it); the tracestate that came with it. */
-	if (!(pflags & HTTP_F_REMOTE_PARENT) || (pflags & HTTP_F_SAMPLED))
+	/* What it propagates: the sampled flag of its parent (the
+	 * traceparent's it came in with, or flowmill's decision on the trace
+	 * it started), its own decision when it has no parent (see
+	 * root_sampled); the tracestate that came with its trace. */
+	if (!(e->flags & (HTTP_F_PARENT_CTX | HTTP_F_PARENT_G)) ? root_sampled(e->trace_id) : (pflags & HTTP_F_SAMPLED))
 		e->flags |= HTTP_F_SAMPLED;
 	if (pflags & HTTP_F_TRACESTATE)
 		e->flags |= HTTP_F_TRACESTATE;
@@ -1269,72 +1457,91 @@ int client_return(struct pt_regs *ctx)
 	__u64 key = gkey(ctx);
 	struct http_event *s = bpf_map_lookup_elem(&clients, &key);
 	struct http_event *e;
-	__u64 resp, sid, major = 0, minor = 0;
+	__u64 resp, sid, start, end, major = 0, minor = 0, length = 0, status = 0;
+	struct red_key k;
+	__u8 prop;
 	char r[96];
 
 	if (!s)
 		return 0;
+	end = bpf_ktime_get_ns();
 	sid = s->span_id; /* see same_entry */
 	asm volatile("" ::: "memory");
-	e = fm_reserve(sizeof(*e));
-	if (e) {
-		*e = *s;
-		e->end_ns = bpf_ktime_get_ns();
-		/* Results: RAX = *Response; RBX, RCX = error. */
-		resp = ctx->ax;
-		/* StatusCode and ContentLength are near each other: one read. */
-		if (resp && !bpf_probe_read_user(r, sizeof(r), (const void *)(resp + off.response_lo))) {
-			__u64 so = (off.response_status - off.response_lo) & 127;
-			__u64 lo = (off.response_length - off.response_lo) & 127;
-			__u64 v;
+	start = s->start_ns;
+	prop = s->prop;
+	/* Results: RAX = *Response; RBX, RCX = error. */
+	resp = ctx->ax;
+	/* StatusCode and ContentLength are near each other: one read. */
+	if (resp && !bpf_probe_read_user(r, sizeof(r), (const void *)(resp + off.response_lo))) {
+		__u64 so = (off.response_status - off.response_lo) & 127;
+		__u64 lo = (off.response_length - off.response_lo) & 127;
 
-			if (so <= sizeof(r) - 8) {
-				__builtin_memcpy(&v, r + so, 8);
-				e->status = v;
-			}
-			if (lo <= sizeof(r) - 8) {
-				__builtin_memcpy(&v, r + lo, 8);
-				e->resp_length = v;
-			}
-			lo = (off.response_major - off.response_lo) & 127;
-			if (lo <= sizeof(r) - 8)
-				__builtin_memcpy(&major, r + lo, 8);
-			lo = (off.response_minor - off.response_lo) & 127;
-			if (lo <= sizeof(r) - 8)
-				__builtin_memcpy(&minor, r + lo, 8);
-			if (major < 10 && minor < 10) {
+		if (so <= sizeof(r) - 8)
+			__builtin_memcpy(&status, r + so, 8);
+		if (lo <= sizeof(r) - 8)
+			__builtin_memcpy(&length, r + lo, 8);
+		lo = (off.response_major - off.response_lo) & 127;
+		if (lo <= sizeof(r) - 8)
+			__builtin_memcpy(&major, r + lo, 8);
+		lo = (off.response_minor - off.response_lo) & 127;
+		if (lo <= sizeof(r) - 8)
+			__builtin_memcpy(&minor, r + lo, 8);
+		if (major >= 10 || minor >= 10)
+			major = minor = 0;
+	}
+
+	__builtin_memset(&k, 0, sizeof(k));
+	k.kind = HTTP_CLIENT;
+	k.status = status;
+	k.proto_major = major;
+	k.proto_minor = minor;
+	k.scheme = s->scheme;
+	k.err_itab = ctx->bx;
+	red_method(&k, s);
+	k.str_len = fm_clamp(s->host_len, HOST_MAX);
+	if (k.str_len)
+		bpf_probe_read_kernel(k.str, fm_clamp(k.str_len, HOST_MAX), s->host);
+
+	if (propagate == PROPAGATE_UNAVAILABLE) {
+		prop = PROP_UNAVAILABLE;
+		fm_count(HTTP_CTR_PROP_UNAVAILABLE);
+	} else if (propagate == PROPAGATE_ON && prop == PROP_NONE && !k.err_itab) {
+		/* A response, and never on an HTTP/1 connection
+		 * (persistConn.roundTrip): HTTP/2. A response of another
+		 * version means the uprobe's hit was missed (the kernel
+		 * counts it: Stats.Missed), or a protocol registered with
+		 * Transport.RegisterProtocol. */
+		if (major == 2) {
+			prop = PROP_HTTP2;
+			fm_count(HTTP_CTR_PROP_HTTP2);
+		} else {
+			prop = PROP_FAILED;
+			fm_count(HTTP_CTR_PROP_MISSED);
+		}
+	}
+	if (same_entry(&s->span_id, sid)) {
+		red_add(&k, end - start);
+		if (sends_record(s->flags)) {
+			e = fm_reserve(sizeof(*e));
+			if (e) {
+				*e = *s;
+				e->end_ns = end;
+				e->status = status;
+				e->resp_length = length;
 				e->proto_major = major;
 				e->proto_minor = minor;
+				e->err_itab = k.err_itab;
+				e->prop = prop;
+				if (same_entry(&s->span_id, sid) && e->span_id == sid)
+					fm_submit(e, sizeof(*e));
+				else
+					bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
 			}
 		}
-		e->err_itab = ctx->bx;
-		if (propagate == PROPAGATE_UNAVAILABLE) {
-			e->prop = PROP_UNAVAILABLE;
-			fm_count(HTTP_CTR_PROP_UNAVAILABLE);
-		} else if (propagate == PROPAGATE_ON && e->prop == PROP_NONE && !e->err_itab) {
-			/* A response, and never on an HTTP/1 connection
-			 * (persistConn.roundTrip): HTTP/2. A response of
-			 * another version means the uprobe's hit was missed
-			 * (the kernel counts it: Stats.Missed), or a protocol
-			 * registered with Transport.RegisterProtocol. */
-			if (major == 2) {
-				e->prop = PROP_HTTP2;
-				fm_count(HTTP_CTR_PROP_HTTP2);
-			} else {
-				e->prop = PROP_FAILED;
-				fm_count(HTTP_CTR_PROP_MISSED);
-			}
-		}
-		if (same_entry(&s->span_id, sid) && e->span_id == sid)
-			fm_submit(e, sizeof(*e));
-		else
-			bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
 	}
 	map_del(&clients, &key, HTTP_CTR_CLIENTS_DEL);
 	return 0;
 }
-
-/* ---- trace context propagation ---- */
 
 static __always_inline char hexdigit(__u8 v)
 {

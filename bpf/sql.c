@@ -246,7 +246,9 @@ static __always_inline int enter(struct pt_regs *ctx, __u8 kind, __u64 rctx, __u
 			__builtin_memcpy(e->trace_id + 8, &b, 8);
 		}
 	}
-	if (!(pflags & HTTP_F_REMOTE_PARENT) || (pflags & HTTP_F_SAMPLED))
+	/* Sampled as its parent, the served request, is (see http.c,
+	 * root_sampled); without one, the SDK's sampler decides. */
+	if (!e->parent_span_id || (pflags & HTTP_F_SAMPLED))
 		e->flags |= SQL_F_SAMPLED;
 	if (pflags & HTTP_F_REMOTE_PARENT)
 		e->flags |= SQL_F_REMOTE_PARENT;

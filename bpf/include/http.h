@@ -26,8 +26,10 @@ enum http_kind {
 
 enum http_flags {
 	HTTP_F_REMOTE_PARENT = 1 << 0, /* parent from a traceparent header */
-	/* Server: the incoming traceparent's sampled flag. Client: the
-	 * sampled flag it propagates (its parent's). */
+	/* Server: the incoming traceparent's sampled flag, or, for a trace
+	 * flowmill started, whether it sampled it (http.c, root_sampled).
+	 * Client: the sampled flag it propagates (its parent's, or its own
+	 * decision when it has none). */
 	HTTP_F_SAMPLED = 1 << 1,
 	HTTP_F_PARENT_CTX = 1 << 2,    /* client: parent found via the request context */
 	HTTP_F_PARENT_G = 1 << 3,      /* client: parent found via the goroutine */

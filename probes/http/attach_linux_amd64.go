@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -62,6 +63,7 @@ const (
 	ctrPropMissed
 	ctrTSDropped // served requests whose tracestate was not kept
 	ctrH2CtxLost // HTTP/2 served requests whose trace context was read, not kept
+	ctrREDFull   // requests not in the request metrics: the table of series was full
 	nCounters
 )
 
@@ -208,6 +210,15 @@ func (p *Probe) Attach(env *probe.Env) (probe.Attachment, error) {
 	if err := bpfload.LoadWith(spec, env, &a.objs, opts, func() *ebpf.Map { return a.objs.ScopeCgroup }); err != nil {
 		prop.closeIfAny()
 		return nil, fmt.Errorf("http: %w", err)
+	}
+	cfg := httpBPFSamplingCfg{Bound: sampleBound(p.sampleRatio)}
+	if p.sampling {
+		cfg.Drop = 1
+		status.Sampling, status.SamplingRatio = true, p.sampleRatio
+	}
+	if err := a.objs.Sampling.Put(uint32(0), &cfg); err != nil {
+		a.Close()
+		return nil, fmt.Errorf("http: setting the sampling ratio: %w", err)
 	}
 	progs := map[string][2]*ebpf.Program{
 		serverFunc: {a.objs.ServerEnter, a.objs.ServerReturn},
@@ -383,6 +394,13 @@ type attachment struct {
 
 	ctxRoot uint64 // off.ctx_root, for probe.HTTPServers
 	ctxWalk bool   // off.ctx_walk
+
+	// The request metrics' series: decoded once each (seriesMu); their
+	// last reading, kept at Close (finalRED, finalUnaggregated).
+	seriesMu          sync.Mutex
+	seriesIDs         map[httpBPFRedKey]string
+	finalRED          map[string]*finalSeries
+	finalUnaggregated uint64
 
 	prop      *propagation      // nil: propagation off or unavailable
 	unwritten atomic.Uint64     // inject entries swept as stale
@@ -682,7 +700,7 @@ func (a *attachment) Stats() (probe.Stats, error) {
 		total += a.swept[i] + a.evicted[i]
 	}
 	st := probe.Stats{
-		Lost:        before[ctrLost] + before[ctrUnreadable] + before[ctrPreempted],
+		Lost:        before[ctrLost] + before[ctrUnreadable] + before[ctrPreempted] + before[ctrREDFull],
 		Evicted:     total,
 		Missed:      bpfload.Missed(&a.objs.httpBPFPrograms),
 		Malformed:   a.malformed.Load(),
@@ -763,6 +781,7 @@ func (a *attachment) Close() error {
 		close(a.stop)
 		a.wg.Wait()
 		a.closeErr = bpfload.CloseLinks(a.links)
+		a.keepRED()
 		if a.objs.Counters != nil {
 			final := a.propagationStats()
 			a.statsMu.Lock()
@@ -782,4 +801,116 @@ func (a *attachment) Close() error {
 		}
 	})
 	return a.closeErr
+}
+
+// eachSeries implements requestTotals: one walk of the kernel's table of
+// series (a few system calls), or, after Close, its last reading.
+func (a *attachment) eachSeries(fn func(id string, s func() (requestSeries, bool), b *redBuckets)) error {
+	a.seriesMu.Lock()
+	defer a.seriesMu.Unlock()
+	if a.finalRED != nil {
+		for id, f := range a.finalRED {
+			fn(id, func() (requestSeries, bool) { return f.s, f.ok }, &f.b)
+		}
+		return nil
+	}
+	if a.objs.Red == nil {
+		return nil
+	}
+	if a.seriesIDs == nil {
+		a.seriesIDs = make(map[httpBPFRedKey]string)
+	}
+	return bpfload.Walk(a.objs.Red, func(keys []httpBPFRedKey, hs []httpBPFRedHist) error {
+		for i := range keys {
+			k := &keys[i]
+			id, ok := a.seriesIDs[*k]
+			if !ok {
+				id = strconv.Itoa(len(a.seriesIDs))
+				a.seriesIDs[*k] = id
+			}
+			fn(id, func() (requestSeries, bool) { return a.series(k) }, (*redBuckets)(unsafe.Pointer(&hs[i])))
+		}
+		return nil
+	})
+}
+
+// unaggregated implements requestTotals.
+func (a *attachment) unaggregated() uint64 {
+	a.seriesMu.Lock()
+	final := a.finalRED != nil
+	a.seriesMu.Unlock()
+	if final {
+		return a.finalUnaggregated
+	}
+	c, err := bpfload.Counters(a.objs.Counters, nCounters)
+	if err != nil {
+		return 0
+	}
+	return c[ctrREDFull]
+}
+
+// keepRED keeps the last reading of the series for the recorders that
+// read them after Close (an exporter shut down after its session).
+func (a *attachment) keepRED() {
+	if a.objs.Red == nil {
+		return
+	}
+	final := make(map[string]*finalSeries)
+	err := a.eachSeries(func(id string, decode func() (requestSeries, bool), b *redBuckets) {
+		f := &finalSeries{b: *b}
+		f.s, f.ok = decode()
+		final[id] = f
+	})
+	n := a.unaggregated()
+	a.seriesMu.Lock()
+	defer a.seriesMu.Unlock()
+	if err == nil {
+		a.finalRED, a.finalUnaggregated = final, n
+	} else {
+		a.finalRED = map[string]*finalSeries{}
+	}
+}
+
+// finalSeries is a series as Close left it.
+type finalSeries struct {
+	s  requestSeries
+	ok bool
+	b  redBuckets
+}
+
+// series decodes the attributes' fields of a series key; false for one our
+// programs cannot have written.
+func (a *attachment) series(k *httpBPFRedKey) (requestSeries, bool) {
+	method, ok := a.str(k.Method[:], uint16(k.MethodLen), k.Flags&flagMethodRO != 0)
+	if !ok {
+		return requestSeries{}, false
+	}
+	switch k.Kind {
+	case kindServer:
+		pattern, ok := a.str(k.Str[:], k.StrLen, k.Flags&flagRouteRO != 0)
+		if !ok {
+			return requestSeries{}, false
+		}
+		s := ServerRequest{
+			Method: method, Pattern: pattern, Route: routeOf(pattern),
+			ProtocolVersion: ProtocolVersion{k.ProtoMajor, k.ProtoMinor},
+			Scheme:          scheme(k.Scheme), StatusCode: int(k.Status),
+			Hijacked: k.Flags&flagHijacked != 0,
+		}
+		if s.StatusCode == 0 && !s.Hijacked {
+			s.StatusCode = 200
+		}
+		return requestSeries{IsServer: true, Server: s}, true
+	case kindClient:
+		errType, ok := a.errTypes.Name(k.ErrItab)
+		if !ok {
+			errType = errTypeOther
+		}
+		return requestSeries{Client: ClientRequest{
+			Method: method, Host: str(k.Str[:], k.StrLen),
+			ProtocolVersion: ProtocolVersion{k.ProtoMajor, k.ProtoMinor},
+			StatusCode:      int(k.Status), Error: errType,
+		}}, true
+	}
+	return requestSeries{}, false
 }

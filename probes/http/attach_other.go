@@ -20,3 +20,9 @@ func (p *Probe) Attach(env *probe.Env) (probe.Attachment, error) {
 type attachment struct{}
 
 func (*attachment) propagationStats() PropagationStats { return PropagationStats{} }
+
+func (*attachment) eachSeries(func(string, func() (requestSeries, bool), *redBuckets)) error {
+	return nil
+}
+
+func (*attachment) unaggregated() uint64 { return 0 }

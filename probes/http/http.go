@@ -76,6 +76,7 @@ package http
 
 import (
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -117,12 +118,48 @@ func WithoutPropagation() Option {
 	return func(p *Probe) { p.propagate = false }
 }
 
+// WithSampling makes only the requests that are sampled send a record
+// (ServerRequest, ClientRequest: a span each), the sampling decided in the
+// kernel before anything is sent, as the OpenTelemetry SDK's
+// ParentBased(TraceIDRatioBased(ratio)) sampler decides it: a request with
+// a remote parent (an incoming traceparent) is sampled when its parent
+// is; a trace flowmill starts is sampled when its trace ID falls under
+// ratio by the rule of TraceIDRatioBased, so that an SDK sampler of the
+// same ratio takes the same decision on the spans flowmill exports. The
+// requests made while serving one follow it. ratio is between 0 and 1.
+//
+// The request metrics (http.server.request.duration and
+// http.client.request.duration) count every request at any ratio: they
+// are aggregated in the kernel, apart from the records. Requests that are
+// not sampled still propagate their trace context (flagged not sampled).
+//
+// Without this option, the environment decides as it does for the SDK:
+// OTEL_TRACES_SAMPLER set to parentbased_always_on (1),
+// parentbased_always_off or always_off (0), traceidratio or
+// parentbased_traceidratio (OTEL_TRACES_SAMPLER_ARG, 1 if it is not a
+// ratio) turns sampling on; flowmill's decision is always parent-based.
+// Otherwise (unset, always_on, other samplers) every request sends a
+// record and the SDK's sampler alone decides what is exported. Status says
+// which applies.
+func WithSampling(ratio float64) Option {
+	return func(p *Probe) {
+		if !(ratio >= 0 && ratio <= 1) {
+			p.opts.Fail(fmt.Sprintf("http.WithSampling(%v)", ratio), "the ratio must be between 0 and 1")
+			return
+		}
+		p.sampling, p.sampleRatio, p.samplingSet = true, ratio, true
+	}
+}
+
 // Probe is the HTTP probe family. Create it with New.
 type Probe struct {
 	maxInFlight uint32
 	staleAfter  time.Duration
 	propagate   bool
 	opts        probe.Options
+	// Sampling in the kernel (WithSampling, or the environment).
+	sampling, samplingSet bool
+	sampleRatio           float64
 
 	mu     sync.Mutex
 	status Status
@@ -147,6 +184,11 @@ type Status struct {
 	// kernel that refused the socket programs, for instance). Spans are
 	// made all the same.
 	PropagationErr error `json:"-"`
+	// Sampling says whether only sampled requests send records
+	// (WithSampling or OTEL_TRACES_SAMPLER), SamplingRatio the ratio of
+	// the traces flowmill starts that are sampled then.
+	Sampling      bool
+	SamplingRatio float64
 	// Skipped lists what was left out and why, such as the client when the
 	// program never sends HTTP requests (the linker left the Transport
 	// out), and what is not propagated.
@@ -160,7 +202,7 @@ var ErrPropagationUnavailable = errors.New("http: trace context propagation unav
 // New returns the HTTP probe, to pass to flowmill.WithProbes. It produces
 // ServerRequest and ClientRequest.
 func New(opts ...Option) *Probe {
-	p := &Probe{maxInFlight: 16384, staleAfter: 10 * time.Minute, propagate: true}
+	p := &Probe{maxInFlight: 16384, staleAfter: 10 * time.Minute, propagate: true, sampleRatio: 1}
 	for _, o := range opts {
 		if o == nil {
 			p.opts.NilOption("http")
@@ -168,7 +210,20 @@ func New(opts ...Option) *Probe {
 		}
 		o(p)
 	}
+	if !p.samplingSet {
+		p.sampleRatio, p.sampling = samplingFromEnv()
+	}
 	return p
+}
+
+// totals returns the last Attach's request metrics, nil before one.
+func (p *Probe) totals() requestTotals {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.att == nil {
+		return nil
+	}
+	return p.att
 }
 
 // Name returns "http".

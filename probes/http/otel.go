@@ -76,6 +76,11 @@ func (p *Probe) Telemetry(env *probe.TelemetryEnv) (probe.Recorder, error) {
 	if err := errors.Join(e1, e2); err != nil {
 		return nil, fmt.Errorf("http: %w", err)
 	}
+	r.red.src = p.totals
+	if err := r.registerRED(env.Meter); err != nil {
+		r.unregister()
+		return nil, fmt.Errorf("http: %w", err)
+	}
 	if p.propagate {
 		if err := r.observePropagation(env.Meter, p); err != nil {
 			return nil, fmt.Errorf("http: %w", err)
@@ -136,6 +141,10 @@ func (r *recorder) unregister() {
 		r.reg.Unregister()
 		r.reg = nil
 	}
+	if r.red.reg != nil {
+		r.red.reg.Unregister()
+		r.red.reg = nil
+	}
 }
 
 // started checks, once, that the SDK gave a span the IDs of its event
@@ -164,6 +173,7 @@ type recorder struct {
 	checkIDs         bool                // check the next recording span's IDs (see started)
 	reg              metric.Registration // the propagation counters' callback
 	server, client   metric.Float64Histogram
+	red              redState // the kernel's request metrics
 	servers          *probe.Sub[ServerRequest]
 	clients          *probe.Sub[ClientRequest]
 	pending          map[trace.SpanID][]pendingClient // by the event's parent span ID
@@ -337,6 +347,12 @@ func (r *recorder) drain() {
 }
 
 func (r *recorder) release() {
+	// The requests counted since the last collection, recorded before
+	// the callback goes: the SDK's final collection (its Shutdown) has
+	// them.
+	if _, err := r.pull(context.Background()); err != nil {
+		otel.Handle(err)
+	}
 	r.unregister()
 	r.servers.Close()
 	r.clients.Close()
@@ -349,25 +365,7 @@ func (r *recorder) release() {
 // about its connection.
 func (r *recorder) recordServer(s *ServerRequest, q *probe.TCPConnQuery) {
 	method := methodOf(s.Method)
-	scheme := s.Scheme.String()
-	if scheme == "" {
-		scheme = "http" // net/http sets Request.TLS for every request over TLS
-	}
-	attrs := []attribute.KeyValue{semconv.HTTPRequestMethodKey.String(method), semconv.URLScheme(scheme)}
-	if v := s.ProtocolVersion.String(); v != "" {
-		attrs = append(attrs, semconv.NetworkProtocolVersion(v))
-	}
-	if s.StatusCode > 0 { // 0: hijacked, whatever was sent is unknown
-		attrs = append(attrs, semconv.HTTPResponseStatusCode(s.StatusCode))
-	}
-	if s.Route != "" {
-		attrs = append(attrs, semconv.HTTPRoute(s.Route))
-	}
-	if s.StatusCode >= 500 {
-		attrs = append(attrs, semconv.ErrorTypeKey.String(strconv.Itoa(s.StatusCode)))
-	}
-	r.server.Record(context.Background(), s.Duration().Seconds(), metric.WithAttributes(attrs...))
-
+	attrs := serverMetricAttrs(s)
 	ctx := context.Background()
 	if s.Span.RemoteParent {
 		flags := trace.TraceFlags(0)
@@ -419,6 +417,29 @@ func (r *recorder) recordServer(s *ServerRequest, q *probe.TCPConnQuery) {
 	delete(r.pending, s.Span.SpanID)
 }
 
+// serverMetricAttrs returns the attributes of http.server.request.duration
+// for a served request (the span's first ones too).
+func serverMetricAttrs(s *ServerRequest) []attribute.KeyValue {
+	scheme := s.Scheme.String()
+	if scheme == "" {
+		scheme = "http" // net/http sets Request.TLS for every request over TLS
+	}
+	attrs := []attribute.KeyValue{semconv.HTTPRequestMethodKey.String(methodOf(s.Method)), semconv.URLScheme(scheme)}
+	if v := s.ProtocolVersion.String(); v != "" {
+		attrs = append(attrs, semconv.NetworkProtocolVersion(v))
+	}
+	if s.StatusCode > 0 { // 0: hijacked, whatever was sent is unknown
+		attrs = append(attrs, semconv.HTTPResponseStatusCode(s.StatusCode))
+	}
+	if s.Route != "" {
+		attrs = append(attrs, semconv.HTTPRoute(s.Route))
+	}
+	if s.StatusCode >= 500 {
+		attrs = append(attrs, semconv.ErrorTypeKey.String(strconv.Itoa(s.StatusCode)))
+	}
+	return attrs
+}
+
 // remember keeps the exported span of a server event for client events
 // that arrive after it, in two generations (bounded memory).
 func (r *recorder) remember(id trace.SpanID, sc trace.SpanContext) {
@@ -432,10 +453,11 @@ func (r *recorder) remember(id trace.SpanID, sc trace.SpanContext) {
 	r.doneNew[id] = doneServer{sc}
 }
 
-func (r *recorder) recordClient(c *ClientRequest) {
-	method := methodOf(c.Method)
+// clientMetricAttrs returns the attributes of http.client.request.duration
+// for a sent request.
+func clientMetricAttrs(c *ClientRequest) []attribute.KeyValue {
 	host, port := splitHostPort(c.Host)
-	attrs := []attribute.KeyValue{semconv.HTTPRequestMethodKey.String(method), semconv.ServerAddress(host)}
+	attrs := []attribute.KeyValue{semconv.HTTPRequestMethodKey.String(methodOf(c.Method)), semconv.ServerAddress(host)}
 	if port > 0 {
 		attrs = append(attrs, semconv.ServerPort(port))
 	}
@@ -450,8 +472,10 @@ func (r *recorder) recordClient(c *ClientRequest) {
 	if et := errorTypeOf(c); et != "" {
 		attrs = append(attrs, semconv.ErrorTypeKey.String(et))
 	}
-	r.client.Record(context.Background(), c.Duration().Seconds(), metric.WithAttributes(attrs...))
+	return attrs
+}
 
+func (r *recorder) recordClient(c *ClientRequest) {
 	if c.Parent == NoParent {
 		r.clientSpan(context.Background(), c)
 		return

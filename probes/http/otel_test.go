@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"math"
 	"net/netip"
 	"strings"
 	"sync"
@@ -50,6 +51,14 @@ func TestTelemetry(t *testing.T) {
 	servers.Publish(&ServerRequest{Start: t0, End: t0.Add(3 * time.Millisecond), Method: "GET", Path: "/users/7", Route: "/users/{id}",
 		Host: "api:80", Peer: netip.MustParseAddrPort("10.0.0.1:5555"), StatusCode: 500, Span: remote,
 		Scheme: SchemeHTTPS, ProtocolVersion: ProtocolVersion{2, 0}})
+	// The metrics come from the kernel's series, here a fake's.
+	src := &fakeTotals{}
+	src.add("s", requestSeries{IsServer: true, Server: ServerRequest{Method: "GET", Route: "/users/{id}", StatusCode: 500,
+		Scheme: SchemeHTTPS, ProtocolVersion: ProtocolVersion{2, 0}}}, 3*time.Millisecond)
+	src.add("c1", requestSeries{Client: ClientRequest{Method: "GET", Host: "db:8080", StatusCode: 503,
+		ProtocolVersion: ProtocolVersion{1, 1}}}, time.Millisecond)
+	src.add("c2", requestSeries{Client: ClientRequest{Method: "BREW", Host: "127.0.0.1:1", Error: "*net.OpError"}}, time.Millisecond)
+	r.red.src = func() requestTotals { return src }
 	stop := make(chan struct{})
 	close(stop) // record what is buffered, then return
 	if err := rec.Run(stop); err != nil {
@@ -112,7 +121,11 @@ func TestTelemetry(t *testing.T) {
 	}
 	counts := map[string]uint64{}
 	for _, m := range rm.ScopeMetrics[0].Metrics {
-		for _, dp := range m.Data.(metricdata.Histogram[float64]).DataPoints {
+		h, ok := m.Data.(metricdata.Histogram[float64])
+		if !ok {
+			continue
+		}
+		for _, dp := range h.DataPoints {
 			counts[m.Name] += dp.Count
 			scheme, hasScheme := dp.Attributes.Value(semconv.URLSchemeKey)
 			version, _ := dp.Attributes.Value(semconv.NetworkProtocolVersionKey)
@@ -488,4 +501,101 @@ func TestTelemetryIDs(t *testing.T) {
 			t.Errorf("errors handled: %v, want one about flowmill.IDGenerator", handled)
 		}
 	})
+}
+
+// fakeTotals is a kernel's table of series, made up.
+type fakeTotals struct {
+	mu     sync.Mutex
+	ids    []string
+	series map[string]requestSeries
+	b      map[string]*redBuckets
+	lost   uint64
+}
+
+// add counts a request of duration d in the series id.
+func (f *fakeTotals) add(id string, s requestSeries, d time.Duration) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.series == nil {
+		f.series, f.b = map[string]requestSeries{}, map[string]*redBuckets{}
+	}
+	if _, ok := f.series[id]; !ok {
+		f.ids = append(f.ids, id)
+		f.series[id], f.b[id] = s, &redBuckets{}
+	}
+	i := min(int(d.Nanoseconds()>>10), redBucketCount-1) // any bucket will do
+	f.b[id][i].Count++
+	f.b[id][i].SumNs += uint64(d.Nanoseconds())
+}
+
+func (f *fakeTotals) eachSeries(fn func(string, func() (requestSeries, bool), *redBuckets)) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, id := range f.ids {
+		b := *f.b[id]
+		fn(id, func() (requestSeries, bool) { return f.series[id], true }, &b)
+	}
+	return nil
+}
+
+func (f *fakeTotals) unaggregated() uint64 { return f.lost }
+
+// TestREDExact: each collection records the requests the kernel counted
+// since the last, so that every collection's histogram has the exact count
+// and sum of the requests so far (cumulative) or since the last (delta),
+// whatever their spread over the buckets; a collection that finds nothing
+// new records nothing.
+func TestREDExact(t *testing.T) {
+	for _, temp := range []metricdata.Temporality{metricdata.CumulativeTemporality, metricdata.DeltaTemporality} {
+		t.Run(temp.String(), func(t *testing.T) {
+			bus := probe.NewBus()
+			probe.Produce[ServerRequest](bus)
+			probe.Produce[ClientRequest](bus)
+			reader := sdkmetric.NewManualReader(sdkmetric.WithTemporalitySelector(func(sdkmetric.InstrumentKind) metricdata.Temporality { return temp }))
+			mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+			rec, err := New().Telemetry(&probe.TelemetryEnv{Bus: bus, Buffer: 16, Meter: mp.Meter("t"), Tracer: trace.NewNoopTracerProvider().Tracer("t")})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := rec.(*recorder)
+			t.Cleanup(r.release)
+			src := &fakeTotals{}
+			r.red.src = func() requestTotals { return src }
+			get := &requestSeries{IsServer: true, Server: ServerRequest{Method: "GET", Route: "/a", StatusCode: 200, Scheme: SchemeHTTP}}
+			collect := func() (count uint64, sum float64) {
+				var rm metricdata.ResourceMetrics
+				if err := reader.Collect(context.Background(), &rm); err != nil {
+					t.Fatal(err)
+				}
+				for _, sm := range rm.ScopeMetrics {
+					for _, m := range sm.Metrics {
+						if h, ok := m.Data.(metricdata.Histogram[float64]); ok && m.Name == metricServerDuration {
+							for _, dp := range h.DataPoints {
+								count += dp.Count
+								sum += dp.Sum
+							}
+						}
+					}
+				}
+				return count, sum
+			}
+			var wantN uint64
+			var wantSum time.Duration
+			for round, n := range []int{1, 997, 0, 50} {
+				if temp == metricdata.DeltaTemporality {
+					wantN, wantSum = 0, 0
+				}
+				for i := range n {
+					d := time.Duration(i*7919+round) * time.Microsecond
+					src.add("get", *get, d)
+					wantN++
+					wantSum += d
+				}
+				gotN, gotSum := collect()
+				if gotN != wantN || math.Abs(gotSum-wantSum.Seconds()) > 1e-9*float64(wantN+1) {
+					t.Errorf("round %d: count %d sum %.9fs, want %d and %.9fs", round, gotN, gotSum, wantN, wantSum.Seconds())
+				}
+			}
+		})
+	}
 }

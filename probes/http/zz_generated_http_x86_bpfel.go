@@ -145,6 +145,38 @@ type httpBPFInjectReq struct {
 	Tp      [72]int8
 }
 
+type httpBPFRedHist struct {
+	_ structs.HostLayout
+	B [256]struct {
+		_     structs.HostLayout
+		Count uint64
+		SumNs uint64
+	}
+}
+
+type httpBPFRedKey struct {
+	_          structs.HostLayout
+	Kind       uint8
+	Flags      uint8
+	MethodLen  uint8
+	ProtoMajor uint8
+	ProtoMinor uint8
+	Scheme     uint8
+	Status     uint16
+	StrLen     uint16
+	Pad        [3]uint16
+	ErrItab    uint64
+	Method     [16]int8
+	Str        [128]int8
+}
+
+type httpBPFSamplingCfg struct {
+	_     structs.HostLayout
+	Bound uint64
+	Drop  uint32
+	Pad   uint32
+}
+
 type httpBPFScratch struct {
 	_       structs.HostLayout
 	S       httpBPFServerState
@@ -212,6 +244,9 @@ const (
 	httpBPFMapH2Ctxs            = "h2_ctxs"
 	httpBPFMapH2scratch         = "h2scratch"
 	httpBPFMapInject            = "inject"
+	httpBPFMapRed               = "red"
+	httpBPFMapRedZero           = "red_zero"
+	httpBPFMapSampling          = "sampling"
 	httpBPFMapScopeCgroup       = "scope_cgroup"
 	httpBPFMapScratch           = "scratch"
 	httpBPFMapServerCtxs        = "server_ctxs"
@@ -298,6 +333,9 @@ type httpBPFMapSpecs struct {
 	H2Ctxs        *ebpf.MapSpec `ebpf:"h2_ctxs"`
 	H2scratch     *ebpf.MapSpec `ebpf:"h2scratch"`
 	Inject        *ebpf.MapSpec `ebpf:"inject"`
+	Red           *ebpf.MapSpec `ebpf:"red"`
+	RedZero       *ebpf.MapSpec `ebpf:"red_zero"`
+	Sampling      *ebpf.MapSpec `ebpf:"sampling"`
 	ScopeCgroup   *ebpf.MapSpec `ebpf:"scope_cgroup"`
 	Scratch       *ebpf.MapSpec `ebpf:"scratch"`
 	ServerCtxs    *ebpf.MapSpec `ebpf:"server_ctxs"`
@@ -350,6 +388,9 @@ type httpBPFMaps struct {
 	H2Ctxs        *ebpf.Map `ebpf:"h2_ctxs"`
 	H2scratch     *ebpf.Map `ebpf:"h2scratch"`
 	Inject        *ebpf.Map `ebpf:"inject"`
+	Red           *ebpf.Map `ebpf:"red"`
+	RedZero       *ebpf.Map `ebpf:"red_zero"`
+	Sampling      *ebpf.Map `ebpf:"sampling"`
 	ScopeCgroup   *ebpf.Map `ebpf:"scope_cgroup"`
 	Scratch       *ebpf.Map `ebpf:"scratch"`
 	ServerCtxs    *ebpf.Map `ebpf:"server_ctxs"`
@@ -368,6 +409,9 @@ func (m *httpBPFMaps) Close() error {
 		m.H2Ctxs,
 		m.H2scratch,
 		m.Inject,
+		m.Red,
+		m.RedZero,
+		m.Sampling,
 		m.ScopeCgroup,
 		m.Scratch,
 		m.ServerCtxs,
