@@ -95,4 +95,4 @@ lint:
 	# linux/arm64: the amd64-only families (http) report ErrNotSupported.
 	GOOS=linux GOARCH=arm64 $(GO) vet $(PKGS)
 	# Each module requires exactly what its packages import.
-	@for m in . examples probes/sql/testdata/sqlapp probes/grpc/testdata/clientonly probes/grpc/testdata/v185; do (cd $$m && GOWORK=off GOFLAGS=-mod=mod $(GO) mod tidy -diff) || { echo "go.mod of $$m is not tidy: run go mod tidy there" >&2; exit 1; }; done
+	@for m in . examples probes/sql/testdata/sqlapp probes/grpc/testdata/clientonly probes/grpc/testdata/v185 probes/http/testdata/cost; do (cd $$m && GOWORK=off GOFLAGS=-mod=mod $(GO) mod tidy -diff) || { echo "go.mod of $$m is not tidy: run go mod tidy there" >&2; exit 1; }; done

@@ -25,9 +25,10 @@ type SpanContext struct {
 	// another process's span).
 	RemoteParent bool
 	// Sampled is, for a server request with a remote parent, its
-	// traceparent's sampled flag; for a client request, the sampled flag
-	// it propagates: its trace's incoming one, set when flowmill started
-	// the trace.
+	// traceparent's sampled flag, and for a trace flowmill started,
+	// whether it sampled it (always, without WithSampling); for a client
+	// request, the sampled flag it propagates: its parent's, or its own
+	// decision when it has none.
 	Sampled bool
 }
 

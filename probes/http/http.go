@@ -66,6 +66,15 @@
 // ClientRequest.Propagation. The exported spans carry the IDs sent in
 // traceparent when the TracerProvider uses flowmill.IDGenerator.
 //
+// Metrics: http.server.request.duration and http.client.request.duration
+// are aggregated in the kernel from every request, sampled or not (a
+// histogram per series of metric attributes, each bucket with its count and
+// sum), and recorded at each collection of the MeterProvider: exact counts
+// and sums, nothing sent per request. Requests the table of series could
+// not take are counted in flowmill.http.requests.unaggregated and in
+// Stats.EventsLost. WithSampling decides sampling in the kernel, so that
+// requests that are not sampled send nothing at all.
+//
 // Limits: only amd64 Linux is supported. Requests whose entry probe could
 // not read the Request, or (on kernels that preempt uprobe programs) was
 // overtaken on its CPU by another request's, are not traced, and are

@@ -32,7 +32,8 @@ var durationBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5,
 
 // Telemetry maps the probe's events to OpenTelemetry; flowmill.NewExporter
 // calls it (see probe.Telemetry). It records http.server.request.duration
-// and http.client.request.duration, and makes a span per request.
+// and http.client.request.duration from the kernel's aggregates (see
+// red.go), read when the SDK collects, and makes a span per record.
 //
 // The OpenTelemetry API lets the SDK choose span IDs: each span is
 // started with its event's IDs in the context (probe.ContextWithSpanIDs),
