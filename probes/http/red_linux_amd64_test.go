@@ -265,12 +265,14 @@ func TestREDMetrics(t *testing.T) {
 			}
 			switch {
 			case tc.ratio < 0:
-				if len(got) != int(count) {
-					t.Errorf("%d records, want one per request counted (%d)", len(got), count)
+				st, _ := s.Stats()
+				lost := (st.EventsLost - before.EventsLost) + (st.Dropped - before.Dropped)
+				if len(got) > int(count) || uint64(len(got))+lost < count {
+					t.Errorf("%d records, want one per request counted (%d), less the %d the session counted lost", len(got), count, lost)
 				}
 				// The same kernel timestamps: the histogram's sum is
 				// the records' total duration.
-				if math.Abs(sum-recSum.Seconds()) > 1e-9*float64(n) {
+				if len(got) == int(count) && math.Abs(sum-recSum.Seconds()) > 1e-9*float64(n) {
 					t.Errorf("histogram sum %.9fs, records' total %.9fs", sum, recSum.Seconds())
 				}
 			default:
