@@ -2,6 +2,7 @@ package flowmill_test
 
 import (
 	"errors"
+	"math"
 	"strings"
 	"testing"
 	"time"
@@ -59,6 +60,9 @@ func TestInvalidOptions(t *testing.T) {
 		{"grpc stale 0", []flowmill.Option{flowmill.WithProbes(grpc.New(grpc.WithStaleAfter(0)))}, "grpc.WithStaleAfter(0s)"},
 		{"grpc nil option", []flowmill.Option{flowmill.WithProbes(grpc.New(nil))}, "grpc.New"},
 		{"http stale -1m", []flowmill.Option{flowmill.WithProbes(http.New(http.WithStaleAfter(-time.Minute)))}, "http.WithStaleAfter(-1m0s)"},
+		{"http sampling -0.5", []flowmill.Option{flowmill.WithProbes(http.New(http.WithSampling(-0.5)))}, "http.WithSampling(-0.5)"},
+		{"http sampling 2", []flowmill.Option{flowmill.WithProbes(http.New(http.WithSampling(2)))}, "http.WithSampling(2)"},
+		{"http sampling NaN", []flowmill.Option{flowmill.WithProbes(http.New(http.WithSampling(math.NaN())))}, "http.WithSampling(NaN)"},
 		{"sql in flight 0", []flowmill.Option{flowmill.WithProbes(sql.New(sql.WithMaxInFlight(0)))}, "sql.WithMaxInFlight(0)"},
 		{"sql stale 0", []flowmill.Option{flowmill.WithProbes(sql.New(sql.WithStaleAfter(0)))}, "sql.WithStaleAfter(0s)"},
 		{"sql nil option", []flowmill.Option{flowmill.WithProbes(sql.New(nil))}, "sql.New"},
@@ -90,7 +94,7 @@ func TestValidOptions(t *testing.T) {
 			tcp.New(tcp.WithStatsInterval(0), tcp.WithMaxFlows(1), tcp.WithSpans()),
 			process.New(process.WithMaxProcesses(1<<22), process.WithLogRecords()),
 			syscalls.New(syscalls.WithInterval(10*time.Millisecond), syscalls.WithMaxEntries(1), syscalls.WithMaxProcesses(1)),
-			http.New(http.WithMaxInFlight(1), http.WithStaleAfter(time.Second)),
+			http.New(http.WithMaxInFlight(1), http.WithStaleAfter(time.Second), http.WithSampling(0)),
 			grpc.New(grpc.WithMaxInFlight(1), grpc.WithStaleAfter(time.Second)),
 		),
 		flowmill.WithCgroupScope("/sys/fs/cgroup"),
