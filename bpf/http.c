@@ -1025,16 +1025,44 @@ static __always_inline __u32 red_index(__u64 ns)
 	return 1 + ((l - RED_MIN_LOG) << RED_SUB_BITS) + ((ns >> (l - RED_SUB_BITS)) & ((1 << RED_SUB_BITS) - 1));
 }
 
-/* red_method sets the key's method from an event's (its bytes, or the
- * address of a read-only string); bytes past its length stay 0. */
+#define MW(a, b, c, d, e, f, g)                                                 \
+	((__u64)(a) | (__u64)(b) << 8 | (__u64)(c) << 16 | (__u64)(d) << 24 |   \
+	 (__u64)(e) << 32 | (__u64)(f) << 40 | (__u64)(g) << 48)
+
+/* known_method reports whether w (a method's bytes, zero-padded) is one of
+ * the methods the semantic conventions name; the others are "_OTHER". */
+static __always_inline bool known_method(__u64 w)
+{
+	return w == MW('G', 'E', 'T', 0, 0, 0, 0) || w == MW('P', 'O', 'S', 'T', 0, 0, 0) ||
+	       w == MW('P', 'U', 'T', 0, 0, 0, 0) || w == MW('H', 'E', 'A', 'D', 0, 0, 0) ||
+	       w == MW('D', 'E', 'L', 'E', 'T', 'E', 0) || w == MW('P', 'A', 'T', 'C', 'H', 0, 0) ||
+	       w == MW('O', 'P', 'T', 'I', 'O', 'N', 'S') || w == MW('C', 'O', 'N', 'N', 'E', 'C', 'T') ||
+	       w == MW('T', 'R', 'A', 'C', 'E', 0, 0) || w == MW('Q', 'U', 'E', 'R', 'Y', 0, 0);
+}
+
+/* red_method sets the key's method from an event's: the address of a
+ * read-only string (a constant of the program), or its bytes when they
+ * are a known method. Any other method a client sends is left empty
+ * ("_OTHER"), so that clients cannot fill the table with series of made-up
+ * methods. */
 static __always_inline void red_method(struct red_key *k, const struct http_event *e)
 {
-	k->method_len = e->method_len;
+	__u32 n = e->method_len;
+	__u64 w;
+
 	if (e->flags & HTTP_F_METHOD_RO) {
+		k->method_len = n;
 		k->flags |= HTTP_F_METHOD_RO;
 		__builtin_memcpy(k->method, e->method, 8);
-	} else if (e->method_len) {
-		bpf_probe_read_kernel(k->method, fm_clamp(e->method_len, METHOD_MAX), e->method);
+		return;
+	}
+	if (n == 0 || n > 7)
+		return;
+	__builtin_memcpy(&w, e->method, 8);
+	w &= (1ULL << (8 * n)) - 1;
+	if (known_method(w)) {
+		__builtin_memcpy(k->method, &w, 8);
+		k->method_len = n;
 	}
 }
 

@@ -290,3 +290,76 @@ func TestREDMetrics(t *testing.T) {
 		})
 	}
 }
+
+// TestREDMadeUpMethods: methods the semantic conventions do not name are
+// one series, _OTHER, in the kernel too: 600 requests with 600 made-up
+// methods, more than the kernel's table of series holds (512), are all
+// counted, none refused.
+func TestREDMadeUpMethods(t *testing.T) {
+	testutil.RequireBPF(t)
+	s, err := flowmill.New(flowmill.WithProbes(fmhttp.New()), flowmill.WithMaxLatency(10*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	exp, err := flowmill.NewExporter(s, flowmill.WithMeterProvider(mp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.CheckStart(t, s.Start(context.Background()))
+	t.Cleanup(func() { exp.Shutdown(context.Background()); s.Close() })
+	mux := http.NewServeMux()
+	mux.HandleFunc("/any", func(w http.ResponseWriter, r *http.Request) {})
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	tr := &http.Transport{}
+	t.Cleanup(tr.CloseIdleConnections)
+	const n = 600
+	for i := range n {
+		req, _ := http.NewRequest(fmt.Sprintf("X%04d", i), srv.URL+"/any", nil)
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
+	var other uint64
+	var unaggregated int64
+	for deadline := time.Now().Add(testutil.Timeout(20 * time.Second)); ; time.Sleep(20 * time.Millisecond) {
+		var rm metricdata.ResourceMetrics
+		if err := reader.Collect(context.Background(), &rm); err != nil {
+			t.Fatal(err)
+		}
+		other, unaggregated = 0, 0
+		for _, sm := range rm.ScopeMetrics {
+			for _, m := range sm.Metrics {
+				switch d := m.Data.(type) {
+				case metricdata.Histogram[float64]:
+					if m.Name != "http.server.request.duration" {
+						continue
+					}
+					for _, dp := range d.DataPoints {
+						r, _ := dp.Attributes.Value(semconv.HTTPRouteKey)
+						me, _ := dp.Attributes.Value(semconv.HTTPRequestMethodKey)
+						if r.AsString() == "/any" && me.AsString() == "_OTHER" {
+							other += dp.Count
+						}
+					}
+				case metricdata.Sum[int64]:
+					if m.Name == "flowmill.http.requests.unaggregated" {
+						for _, dp := range d.DataPoints {
+							unaggregated += dp.Value
+						}
+					}
+				}
+			}
+		}
+		if other >= n || unaggregated > 0 || time.Now().After(deadline) {
+			break
+		}
+	}
+	if other != n || unaggregated != 0 {
+		t.Errorf("_OTHER requests counted %d, want %d; unaggregated %d, want 0", other, n, unaggregated)
+	}
+}
