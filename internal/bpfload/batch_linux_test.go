@@ -5,6 +5,7 @@ package bpfload
 import (
 	"fmt"
 	"os"
+	"runtime"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -114,8 +115,30 @@ func TestCountKeys(t *testing.T) {
 			noBatches := func(*ebpf.Map, func(int) (any, any), func(int) error) error {
 				return fmt.Errorf("no batches: %w", ebpf.ErrNotSupported)
 			}
-			if err := walkWith(m, noBatches, walkAll); err != nil || len(seen) != n {
+			if err := walkWith(m, noBatches, nil, walkAll); err != nil || len(seen) != n {
 				t.Errorf("Walk without batches saw %d keys (%v), want %d", len(seen), err, n)
+			}
+			// A Walker sees the same, walk after walk, from the same
+			// buffers.
+			var w Walker[uint64, [40]byte]
+			for i := range 3 {
+				clear(seen)
+				if err := w.Walk(m, walkAll); err != nil || len(seen) != n {
+					t.Errorf("Walker walk %d saw %d keys (%v), want %d", i, len(seen), err, n)
+				}
+			}
+			allocated := func(f func()) uint64 {
+				var a, b runtime.MemStats
+				runtime.ReadMemStats(&a)
+				f()
+				runtime.ReadMemStats(&b)
+				return b.TotalAlloc - a.TotalAlloc
+			}
+			fresh := allocated(func() { Walk(m, walkAll) })
+			kept := allocated(func() { w.Walk(m, walkAll) })
+			t.Logf("bytes allocated by a walk: Walk %d, Walker %d", fresh, kept)
+			if kept*4 > fresh {
+				t.Errorf("a Walker's walk allocated %d bytes, Walk's %d: its buffers are not kept", kept, fresh)
 			}
 		})
 	}

@@ -356,17 +356,37 @@ func countIterated(m *ebpf.Map) (int64, error) {
 // maps are not supported. Entries that come and go during the walk may or
 // may not be seen; the slices are reused between calls of fn.
 func Walk[K, V any](m *ebpf.Map, fn func(keys []K, values []V) error) error {
-	return walkWith(m, walk, fn)
+	return walkWith(m, walk, nil, fn)
 }
 
-func walkWith[K, V any](m *ebpf.Map, batched func(*ebpf.Map, func(int) (any, any), func(int) error) error, fn func(keys []K, values []V) error) error {
+// Walker walks maps as Walk does, keeping its buffers from one walk to the
+// next: for a map walked periodically whose values are large. Not for
+// concurrent use.
+type Walker[K, V any] struct {
+	keys   []K
+	values []V
+}
+
+// Walk walks m as the function Walk does.
+func (w *Walker[K, V]) Walk(m *ebpf.Map, fn func(keys []K, values []V) error) error {
+	return walkWith(m, walk, w, fn)
+}
+
+func walkWith[K, V any](m *ebpf.Map, batched func(*ebpf.Map, func(int) (any, any), func(int) error) error, buf *Walker[K, V], fn func(keys []K, values []V) error) error {
 	if perCPU(m.Type()) {
 		return fmt.Errorf("walking %v: per-CPU values: %w", m, ebpf.ErrNotSupported)
 	}
 	var keys []K
 	var values []V
 	err := batched(m, func(size int) (any, any) {
+		if buf != nil && len(buf.keys) == size {
+			keys, values = buf.keys, buf.values
+			return keys, values
+		}
 		keys, values = make([]K, size), make([]V, size)
+		if buf != nil {
+			buf.keys, buf.values = keys, values
+		}
 		return keys, values
 	}, func(count int) error {
 		return fn(keys[:count], values[:count])
@@ -378,7 +398,14 @@ func walkWith[K, V any](m *ebpf.Map, batched func(*ebpf.Map, func(int) (any, any
 		return nil
 	}
 	if keys == nil {
-		keys, values = make([]K, batchSize), make([]V, batchSize)
+		if buf != nil && len(buf.keys) > 0 {
+			keys, values = buf.keys, buf.values
+		} else {
+			keys, values = make([]K, batchSize), make([]V, batchSize)
+			if buf != nil {
+				buf.keys, buf.values = keys, values
+			}
+		}
 	}
 	n := 0
 	it := m.Iterate()

@@ -399,6 +399,7 @@ type attachment struct {
 	// last reading, kept at Close (finalRED, finalUnaggregated).
 	seriesMu          sync.Mutex
 	seriesIDs         map[httpBPFRedKey]string
+	seriesWalk        bpfload.Walker[httpBPFRedKey, httpBPFRedHist]
 	finalRED          map[string]*finalSeries
 	finalUnaggregated uint64
 
@@ -820,7 +821,7 @@ func (a *attachment) eachSeries(fn func(id string, s func() (requestSeries, bool
 	if a.seriesIDs == nil {
 		a.seriesIDs = make(map[httpBPFRedKey]string)
 	}
-	return bpfload.Walk(a.objs.Red, func(keys []httpBPFRedKey, hs []httpBPFRedHist) error {
+	return a.seriesWalk.Walk(a.objs.Red, func(keys []httpBPFRedKey, hs []httpBPFRedHist) error {
 		for i := range keys {
 			k := &keys[i]
 			id, ok := a.seriesIDs[*k]
