@@ -879,16 +879,26 @@ type finalSeries struct {
 	b  redBuckets
 }
 
+// keyStr is str for the strings of a series key: not through the
+// interner, which is the ring reader's alone (series are decoded on the
+// SDK's collecting goroutines).
+func (a *attachment) keyStr(b []int8, n uint16, ro bool) (string, bool) {
+	if !ro {
+		return str(b, n), true
+	}
+	return a.str(b, n, true)
+}
+
 // series decodes the attributes' fields of a series key; false for one our
 // programs cannot have written.
 func (a *attachment) series(k *httpBPFRedKey) (requestSeries, bool) {
-	method, ok := a.str(k.Method[:], uint16(k.MethodLen), k.Flags&flagMethodRO != 0)
+	method, ok := a.keyStr(k.Method[:], uint16(k.MethodLen), k.Flags&flagMethodRO != 0)
 	if !ok {
 		return requestSeries{}, false
 	}
 	switch k.Kind {
 	case kindServer:
-		pattern, ok := a.str(k.Str[:], k.StrLen, k.Flags&flagRouteRO != 0)
+		pattern, ok := a.keyStr(k.Str[:], k.StrLen, k.Flags&flagRouteRO != 0)
 		if !ok {
 			return requestSeries{}, false
 		}
