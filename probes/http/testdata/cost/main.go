@@ -42,6 +42,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 
 	"github.com/flowmill/flowmill"
+	"github.com/flowmill/flowmill/internal/emptyuprobe"
 	fmhttp "github.com/flowmill/flowmill/probes/http"
 )
 
@@ -117,7 +118,7 @@ func child(mode string) error {
 	switch {
 	case mode == "plain":
 	case mode == "empty":
-		_, closeAll, err := emptyUprobes()
+		_, closeAll, err := emptyuprobe.ServeHTTP()
 		if err != nil {
 			return err
 		}

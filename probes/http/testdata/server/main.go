@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/flowmill/flowmill"
+	"github.com/flowmill/flowmill/internal/emptyuprobe"
 	fmhttp "github.com/flowmill/flowmill/probes/http"
 )
 
@@ -164,7 +165,7 @@ func main() {
 			os.Exit(2)
 		}
 		defer stats.Close()
-		prog, closeAll, err := emptyUprobes()
+		prog, closeAll, err := emptyuprobe.ServeHTTP()
 		if err != nil {
 			emit(line{Error: err.Error()})
 			os.Exit(2)
