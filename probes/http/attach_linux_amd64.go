@@ -470,7 +470,7 @@ func (a *attachment) handle(raw []byte) {
 			Host:             a.strs.String(e.Host[:], uint16(e.HostLen)),
 			ProtocolVersion:  ProtocolVersion{e.ProtoMajor, e.ProtoMinor},
 			Scheme:           scheme(e.Scheme),
-			StatusCode:       int(e.Status),
+			StatusCode:       servedStatus(e.Status, e.Flags),
 			RequestBodySize:  e.ReqLength,
 			ResponseBodySize: e.RespLength,
 			Hijacked:         e.Flags&flagHijacked != 0,
@@ -478,9 +478,6 @@ func (a *attachment) handle(raw []byte) {
 			Goroutine:        e.Goid,
 			PID:              e.Pid,
 			TID:              e.Tid,
-		}
-		if r.StatusCode == 0 && !r.Hijacked {
-			r.StatusCode = 200 // net/http sends 200 when the handler wrote nothing
 		}
 		r.Peer, _ = netip.ParseAddrPort(str(e.Peer[:], uint16(e.PeerLen)))
 		a.servers.Publish(&r)
@@ -528,6 +525,16 @@ func (a *attachment) handle(raw []byte) {
 	default:
 		a.malformed.Add(1)
 	}
+}
+
+// servedStatus is the status of a served request from what the kernel
+// read: net/http sends 200 when the handler wrote nothing, unless it
+// hijacked the connection (0: whatever was sent is unknown).
+func servedStatus(status uint16, flags uint8) int {
+	if status == 0 && flags&flagHijacked == 0 {
+		return 200
+	}
+	return int(status)
 }
 
 // scheme decodes http_event.scheme; a value our programs do not write is
@@ -905,11 +912,8 @@ func (a *attachment) series(k *httpBPFRedKey) (requestSeries, bool) {
 		s := ServerRequest{
 			Method: method, Pattern: pattern, Route: routeOf(pattern),
 			ProtocolVersion: ProtocolVersion{k.ProtoMajor, k.ProtoMinor},
-			Scheme:          scheme(k.Scheme), StatusCode: int(k.Status),
+			Scheme:          scheme(k.Scheme), StatusCode: servedStatus(k.Status, k.Flags),
 			Hijacked: k.Flags&flagHijacked != 0,
-		}
-		if s.StatusCode == 0 && !s.Hijacked {
-			s.StatusCode = 200
 		}
 		return requestSeries{IsServer: true, Server: s}, true
 	case kindClient:

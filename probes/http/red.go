@@ -73,7 +73,7 @@ type seriesState struct {
 // table holds 512).
 const maxSeries = 4096
 
-// register makes the metrics' collection pull the kernel's series: the
+// registerRED makes the metrics' collection pull the kernel's series: the
 // SDK runs callbacks before it reads the synchronous instruments, so the
 // growth recorded from the callback is in the same collection.
 func (r *recorder) registerRED(m metric.Meter) error {
