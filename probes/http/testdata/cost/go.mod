@@ -3,7 +3,6 @@ module github.com/flowmill/flowmill/probes/http/testdata/cost
 go 1.26.0
 
 require (
-	github.com/cilium/ebpf v0.22.0
 	github.com/flowmill/flowmill v0.0.0
 	go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp v0.72.0
 	go.opentelemetry.io/otel/sdk v1.47.0
@@ -12,6 +11,7 @@ require (
 
 require (
 	github.com/cespare/xxhash/v2 v2.3.0 // indirect
+	github.com/cilium/ebpf v0.22.0 // indirect
 	github.com/felixge/httpsnoop v1.1.0 // indirect
 	github.com/go-logr/logr v1.4.4 // indirect
 	github.com/go-logr/stdr v1.2.2 // indirect
